@@ -1,0 +1,21 @@
+"""The error hierarchy. Every message names the file or value at fault and what to do about it."""
+
+
+class HnsegError(Exception):
+    """Base of all errors the product reports to the user (exit code 2, one line on stderr)."""
+
+
+class InputError(HnsegError):
+    """The input images are missing, unreadable or unusable."""
+
+
+class RecipeError(HnsegError):
+    """The weights folder or its recipe.json is missing or invalid."""
+
+
+class ModelError(HnsegError):
+    """A model file cannot be loaded or run."""
+
+
+class OutputError(HnsegError):
+    """The output failed its final validation or could not be written."""

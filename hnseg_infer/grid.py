@@ -1,0 +1,188 @@
+"""Geometry as values: a voxel `Grid`, a physical `Box`, and sampling of images onto grids.
+
+Conventions: ITK/physical order is (x, y, z) and NumPy array order is (z, y, x). Names carry the order and
+unit (`size_xyz`, `spacing_xyz_mm`, `array_zyx`). This module is the only place that converts between the two.
+A point p of voxel index i (xyz) is p = origin + direction @ (spacing * i).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _direction_matrix(direction: tuple[float, ...]) -> np.ndarray:
+    return np.asarray(direction, dtype=np.float64).reshape(3, 3)
+
+
+@dataclass(frozen=True)
+class Box:
+    """An oriented box in physical space: `corner_xyz_mm` is its minimum corner along the frame's axes
+    (the columns of `direction`), `size_xyz_mm` its extent along them."""
+
+    corner_xyz_mm: tuple[float, float, float]
+    size_xyz_mm: tuple[float, float, float]
+    direction: tuple[float, ...] = IDENTITY
+
+    @staticmethod
+    def around(center_xyz_mm, size_xyz_mm, direction=IDENTITY) -> "Box":
+        """A box of the given size centred on a physical point."""
+        d = _direction_matrix(direction)
+        size = np.asarray(size_xyz_mm, dtype=np.float64)
+        corner = np.asarray(center_xyz_mm, dtype=np.float64) - d @ (size / 2)
+        return Box(tuple(corner.tolist()), tuple(size.tolist()), tuple(map(float, direction)))
+
+    @property
+    def center_xyz_mm(self) -> np.ndarray:
+        return np.asarray(self.corner_xyz_mm) + _direction_matrix(self.direction) @ (np.asarray(self.size_xyz_mm) / 2)
+
+    def corners_xyz_mm(self) -> np.ndarray:
+        """The 8 corners as an (8, 3) array of physical points."""
+        unit = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
+        return np.asarray(self.corner_xyz_mm) + (unit * np.asarray(self.size_xyz_mm)) @ _direction_matrix(self.direction).T
+
+    def in_frame(self, direction) -> "Box":
+        """The smallest box with the given axes that contains this one (exact for axis permutations/flips)."""
+        d = _direction_matrix(direction)
+        local = self.corners_xyz_mm() @ d  # coordinates along the new axes
+        lo, hi = local.min(axis=0), local.max(axis=0)
+        return Box(tuple((d @ lo).tolist()), tuple((hi - lo).tolist()), tuple(map(float, direction)))
+
+    def intersect(self, other: "Box") -> "Box | None":
+        """Intersection with another box, computed in this box's frame; None when they do not overlap."""
+        d = _direction_matrix(self.direction)
+        other_local = other.in_frame(self.direction)
+        lo_a = d.T @ np.asarray(self.corner_xyz_mm)
+        lo_b = d.T @ np.asarray(other_local.corner_xyz_mm)
+        lo = np.maximum(lo_a, lo_b)
+        hi = np.minimum(lo_a + self.size_xyz_mm, lo_b + np.asarray(other_local.size_xyz_mm))
+        if np.any(hi <= lo):
+            return None
+        return Box(tuple((d @ lo).tolist()), tuple((hi - lo).tolist()), self.direction)
+
+    def to_dict(self) -> dict:
+        return {"corner_xyz_mm": list(self.corner_xyz_mm), "size_xyz_mm": list(self.size_xyz_mm),
+                "direction": list(self.direction), "center_xyz_mm": self.center_xyz_mm.round(3).tolist()}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel lattice in physical space, equivalent to a SimpleITK image's geometry."""
+
+    size_xyz: tuple[int, int, int]
+    spacing_xyz_mm: tuple[float, float, float]
+    origin_xyz_mm: tuple[float, float, float]
+    direction: tuple[float, ...] = IDENTITY
+
+    @staticmethod
+    def of(image: sitk.Image) -> "Grid":
+        return Grid(tuple(int(s) for s in image.GetSize()), tuple(float(s) for s in image.GetSpacing()),
+                    tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
+
+    @staticmethod
+    def covering(box: Box, spacing_xyz_mm) -> "Grid":
+        """The grid with the box's axes and the given spacing whose voxels tile the box, centred on it.
+        The voxel count per axis is the box size over the spacing, rounded (at least 1)."""
+        spacing = np.asarray(spacing_xyz_mm, dtype=np.float64)
+        size = np.maximum(1, np.round(np.asarray(box.size_xyz_mm) / spacing)).astype(int)
+        d = _direction_matrix(box.direction)
+        first_center = box.center_xyz_mm - d @ (spacing * (size - 1) / 2)
+        return Grid(tuple(size.tolist()), tuple(spacing.tolist()), tuple(first_center.tolist()), box.direction)
+
+    @property
+    def size_zyx(self) -> tuple[int, int, int]:
+        return self.size_xyz[::-1]
+
+    @property
+    def n_voxels(self) -> int:
+        return int(np.prod(self.size_xyz))
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing_xyz_mm))
+
+    def box(self) -> Box:
+        """The physical region covered by the voxels (each voxel's full extent)."""
+        d = _direction_matrix(self.direction)
+        spacing = np.asarray(self.spacing_xyz_mm)
+        corner = np.asarray(self.origin_xyz_mm) - d @ (spacing / 2)
+        return Box(tuple(corner.tolist()), tuple((spacing * np.asarray(self.size_xyz)).tolist()), self.direction)
+
+    def index_to_physical(self, index_xyz) -> np.ndarray:
+        """Physical points (N, 3) of continuous voxel indices (N, 3), both in xyz order."""
+        index = np.atleast_2d(np.asarray(index_xyz, dtype=np.float64))
+        d = _direction_matrix(self.direction)
+        return np.asarray(self.origin_xyz_mm) + (index * np.asarray(self.spacing_xyz_mm)) @ d.T
+
+    def physical_to_index(self, points_xyz_mm) -> np.ndarray:
+        """Continuous voxel indices (N, 3, xyz) of physical points (N, 3)."""
+        points = np.atleast_2d(np.asarray(points_xyz_mm, dtype=np.float64))
+        d = _direction_matrix(self.direction)
+        return ((points - np.asarray(self.origin_xyz_mm)) @ d) / np.asarray(self.spacing_xyz_mm)
+
+    def crop_to(self, box: Box) -> "tuple[Grid, tuple[slice, slice, slice]] | None":
+        """The sub-grid of this grid's voxels whose centres lie inside `box`, and its slices in zyx array order.
+        None when no voxel centre lies inside."""
+        idx = self.physical_to_index(box.corners_xyz_mm())
+        lo = np.maximum(np.ceil(idx.min(axis=0) - 1e-6), 0).astype(int)
+        hi = np.minimum(np.floor(idx.max(axis=0) + 1e-6), np.asarray(self.size_xyz) - 1).astype(int)
+        if np.any(hi < lo):
+            return None
+        sub = Grid(tuple((hi - lo + 1).tolist()), self.spacing_xyz_mm,
+                   tuple(self.index_to_physical(lo)[0].tolist()), self.direction)
+        slices_zyx = tuple(slice(int(lo[a]), int(hi[a]) + 1) for a in (2, 1, 0))
+        return sub, slices_zyx
+
+    def same_as(self, other: "Grid", *, tol: float = 1e-4) -> bool:
+        return (self.size_xyz == other.size_xyz
+                and np.allclose(self.spacing_xyz_mm, other.spacing_xyz_mm, atol=tol, rtol=0)
+                and np.allclose(self.origin_xyz_mm, other.origin_xyz_mm, atol=tol, rtol=0)
+                and np.allclose(self.direction, other.direction, atol=1e-6, rtol=0))
+
+    def to_dict(self) -> dict:
+        return {"size_xyz": list(self.size_xyz), "spacing_xyz_mm": [round(s, 6) for s in self.spacing_xyz_mm],
+                "origin_xyz_mm": [round(o, 4) for o in self.origin_xyz_mm], "direction": [round(d, 6) for d in self.direction]}
+
+    def reference_image(self) -> sitk.Image:
+        """An empty image with this geometry, as SimpleITK's resampler wants it (no voxel buffer is filled)."""
+        image = sitk.Image([int(s) for s in self.size_xyz], sitk.sitkUInt8)
+        self.stamp(image)
+        return image
+
+    def stamp(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing_xyz_mm)
+        image.SetOrigin(self.origin_xyz_mm)
+        image.SetDirection(self.direction)
+        return image
+
+    def image_from_array(self, array_zyx: np.ndarray) -> sitk.Image:
+        if tuple(array_zyx.shape) != self.size_zyx:
+            raise ValueError(f"array shape {array_zyx.shape} (zyx) does not match grid size {self.size_zyx} (zyx)")
+        return self.stamp(sitk.GetImageFromArray(array_zyx))
+
+
+def array_zyx(image: sitk.Image) -> np.ndarray:
+    """A SimpleITK image's voxels as a NumPy array in (z, y, x) order (a copy)."""
+    return sitk.GetArrayFromImage(image)
+
+
+INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
+
+
+def sample(image: sitk.Image, grid: Grid, *, interpolation: str, fill_value: float) -> np.ndarray:
+    """Sample `image` at the voxel centres of `grid` (one interpolation), as float32 zyx.
+    Points outside the image take `fill_value` (−1024 HU for CT, 0 for PET, 0 for labels)."""
+    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), INTERPOLATORS[interpolation],
+                        float(fill_value), sitk.sitkFloat32)
+    return sitk.GetArrayViewFromImage(out).copy()
+
+
+def sample_labels(image: sitk.Image, grid: Grid) -> np.ndarray:
+    """Nearest-neighbour sampling for label maps, keeping the image's integer type."""
+    out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                        image.GetPixelID())
+    return sitk.GetArrayViewFromImage(out).copy()

@@ -1,0 +1,218 @@
+"""Reading, validating and writing images: the edges of the pipeline.
+
+Inputs are discovered by globbing (grand-challenge layout: `images/ct/*`, `images/pet/*`), read through
+SimpleITK, checked (3-D, scalar, finite, PET overlapping CT), and the PET unit (SUV or Bq/mL) is detected.
+The output is validated against the CT grid and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError, OutputError
+from .grid import Grid
+
+IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
+# A few non-finite voxels (scanner padding, a bad slice) are repaired; beyond this fraction the image is refused.
+MAX_NONFINITE_FRACTION = 0.01
+FILL_VALUE = {"ct": -1024.0, "pet": 0.0}
+# FDG PET stored in Bq/mL has tissue values in the thousands; SUV images rarely exceed ~100 even in the bladder.
+BQML_P999_THRESHOLD = 300.0
+MIN_OVERLAP_FRACTION_WARN = 0.5
+
+
+def is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+
+
+def find_single_image(folder: Path, role: str) -> Path:
+    """The one image file in `folder`; an InputError naming the folder when there are none or several."""
+    if not folder.is_dir():
+        raise InputError(f"{role.upper()} folder {folder} does not exist: put exactly one {role.upper()} image "
+                         f"({', '.join(IMAGE_SUFFIXES)}) there")
+    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not files:
+        raise InputError(f"no {role.upper()} image in {folder}: expected exactly one file ending in "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
+    if len(files) > 1:
+        raise InputError(f"{len(files)} {role.upper()} images in {folder} ({', '.join(p.name for p in files)}): "
+                         f"expected exactly one; remove the extra files")
+    return files[0]
+
+
+def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
+    """(ct_path, pet_path) from a grand-challenge input folder: INPUT/images/ct/* and INPUT/images/pet/*."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise InputError(f"input folder {input_dir} does not exist: pass --input DIR holding images/ct and images/pet")
+    images = input_dir / "images"
+    return find_single_image(images / "ct", "ct"), find_single_image(images / "pet", "pet")
+
+
+def read_image(path: Path, role: str) -> sitk.Image:
+    """Read a 3-D scalar image as float32; InputError with the file name for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{role.upper()} image {path} does not exist")
+    if path.stat().st_size == 0:
+        raise InputError(f"{role.upper()} image {path} is an empty file (0 bytes): re-export the image")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise InputError(f"{role.upper()} image {path} cannot be read as a medical image ({first_line[:200]}): "
+                         f"provide a valid .mha, .nii(.gz) or .nrrd file") from exc
+    if image.GetDimension() != 3:
+        raise InputError(f"{role.upper()} image {path} has {image.GetDimension()} dimensions (size "
+                         f"{list(image.GetSize())}): expected a 3-D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{role.upper()} image {path} has {image.GetNumberOfComponentsPerPixel()} components per "
+                         f"voxel: expected a scalar (grey-value) volume")
+    if min(image.GetSize()) < 2:
+        raise InputError(f"{role.upper()} image {path} has size {list(image.GetSize())}: a 3-D volume needs at "
+                         f"least 2 voxels along every axis")
+    if min(image.GetSpacing()) <= 0:
+        raise InputError(f"{role.upper()} image {path} has non-positive spacing {list(image.GetSpacing())} mm")
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def repair_nonfinite(image: sitk.Image, *, role: str, path: Path, warnings: list[str]) -> sitk.Image:
+    """Replace a few NaN/inf voxels by the role's fill value (reported); refuse an image that is mostly broken."""
+    array = sitk.GetArrayViewFromImage(image)
+    bad = ~np.isfinite(array)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return image
+    fraction = n_bad / bad.size
+    if fraction > MAX_NONFINITE_FRACTION:
+        raise InputError(f"{role.upper()} image {path} has {n_bad} of {bad.size} voxels ({fraction:.1%}) that are "
+                         f"NaN or infinite (limit {MAX_NONFINITE_FRACTION:.0%}): check the conversion of this image")
+    fixed = np.where(bad, FILL_VALUE[role], array).astype(np.float32)
+    repaired = sitk.GetImageFromArray(fixed)
+    repaired.CopyInformation(image)  # same grid, repaired voxels
+    warnings.append(f"{role.upper()} {path.name}: replaced {n_bad} non-finite voxels by {FILL_VALUE[role]}")
+    return repaired
+
+
+@dataclass(frozen=True)
+class PetUnit:
+    """The detected PET unit and the factor that turns the stored values into (estimated) SUV."""
+
+    unit: str  # "suv" or "bqml"
+    suv_per_stored_value: float
+    p999: float
+    note: str
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "suv_per_stored_value": self.suv_per_stored_value,
+                "p99_9": round(self.p999, 4), "note": self.note}
+
+
+def detect_pet_unit(pet: sitk.Image) -> PetUnit:
+    """SUV or Bq/mL, from the 99.9th percentile of uptake.
+
+    For Bq/mL the injected dose and weight are not in the image, so SUV is estimated by taking the median
+    uptake inside the body (voxels above 5 % of the 99.9th percentile) as SUV 1; the report says so."""
+    values = sitk.GetArrayViewFromImage(pet)
+    p999 = float(np.percentile(values, 99.9))
+    if p999 <= BQML_P999_THRESHOLD:
+        return PetUnit("suv", 1.0, p999, "values look like SUV (99.9th percentile <= "
+                                         f"{BQML_P999_THRESHOLD:g}); used as they are")
+    body = values[values > 0.05 * p999]
+    median = float(np.median(body))
+    return PetUnit("bqml", 1.0 / median, p999,
+                   f"values look like Bq/mL (99.9th percentile {p999:.0f} > {BQML_P999_THRESHOLD:g}); SUV estimated "
+                   f"as value / {median:.1f} (median body uptake taken as SUV 1)")
+
+
+@dataclass
+class Case:
+    """One validated PET/CT study, on its native grids."""
+
+    ct: sitk.Image
+    pet: sitk.Image
+    ct_path: Path
+    pet_path: Path
+    pet_unit: PetUnit
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ct_grid(self) -> Grid:
+        return Grid.of(self.ct)
+
+    @property
+    def pet_grid(self) -> Grid:
+        return Grid.of(self.pet)
+
+
+def check_overlap(ct_grid: Grid, pet_grid: Grid, *, ct_path: Path, pet_path: Path, warnings: list[str]) -> None:
+    """PET and CT must share physical space; partial overlap is common (different z-ranges) and only warned."""
+    ct_box, pet_box = ct_grid.box(), pet_grid.box()
+    common = ct_box.intersect(pet_box)
+    if common is None:
+        raise InputError(
+            f"PET {pet_path.name} (centre {pet_box.center_xyz_mm.round(1).tolist()} mm) and CT {ct_path.name} "
+            f"(centre {ct_box.center_xyz_mm.round(1).tolist()} mm) do not overlap in physical space: check that "
+            f"both come from the same study and that their origins/directions were exported correctly")
+    fraction = float(np.prod(common.size_xyz_mm) / np.prod(ct_box.size_xyz_mm))
+    if fraction < MIN_OVERLAP_FRACTION_WARN:
+        warnings.append(f"PET covers only {fraction:.0%} of the CT volume; outside it the PET channel is 0")
+
+
+def load_case(ct_path: Path, pet_path: Path) -> Case:
+    """Read and validate a PET/CT pair."""
+    ct_path, pet_path = Path(ct_path), Path(pet_path)
+    warnings: list[str] = []
+    ct = repair_nonfinite(read_image(ct_path, "ct"), role="ct", path=ct_path, warnings=warnings)
+    pet = repair_nonfinite(read_image(pet_path, "pet"), role="pet", path=pet_path, warnings=warnings)
+    check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
+    ct_range = sitk.MinimumMaximumImageFilter()
+    ct_range.Execute(ct)
+    if ct_range.GetMaximum() == ct_range.GetMinimum():
+        raise InputError(f"CT {ct_path} is constant ({ct_range.GetMinimum()}): expected a CT in HU")
+    pet_unit = detect_pet_unit(pet)
+    if pet_unit.p999 <= 0:
+        raise InputError(f"PET {pet_path} has no positive uptake (99.9th percentile {pet_unit.p999}): "
+                         f"expected an FDG PET in SUV or Bq/mL")
+    return Case(ct, pet, ct_path, pet_path, pet_unit, warnings)
+
+
+LABEL_VALUES = {0, 1, 2}
+
+
+def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
+    """The output contract: uint8, values within {0, 1, 2}, exactly the CT's grid."""
+    if mask.GetPixelID() != sitk.sitkUInt8:
+        raise OutputError(f"internal error: output mask is {mask.GetPixelIDTypeAsString()}, expected uint8")
+    values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist())
+    if not values <= LABEL_VALUES:
+        raise OutputError(f"internal error: output mask holds values {sorted(values)}, expected a subset of {{0,1,2}}")
+    if not Grid.of(mask).same_as(ct_grid, tol=0.0):
+        raise OutputError(f"internal error: output grid {Grid.of(mask).to_dict()} differs from the CT grid "
+                          f"{ct_grid.to_dict()}")
+
+
+def write_image_atomic(image: sitk.Image, path: Path) -> None:
+    """Write via a temporary file in the target folder and rename; no partial file or new folder survives an error."""
+    path = Path(path)
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".mha"
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise OutputError(f"cannot write {path}: {exc}; check that the output folder is writable") from exc
