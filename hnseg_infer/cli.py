@@ -1,0 +1,155 @@
+"""Command line: `hnseg predict`, `hnseg batch`, and the grand-challenge entry used by process.py.
+
+Errors the user can fix (HnsegError) print one line on stderr and exit 2; unexpected ones exit 1. Either way
+nothing is left under the output path, and the run report (status "error") still goes to --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import HnsegError, RecipeError
+from .io import discover_inputs, write_image_atomic
+from .pipeline import predict_files
+from .recipe import RECIPE_FILE, load_recipe
+from .report import RunReport
+
+GC_OUTPUT_RELATIVE = Path("images/tumor-lymph-node-segmentation/output.mha")
+GC_MODEL_DIR = Path("/opt/ml/model")
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
+
+
+def resolve_weights(folder: Path) -> Path:
+    """A folder holding recipe.json itself, or exactly one sub-folder that does (weights/<name>/recipe.json)."""
+    folder = Path(folder)
+    if (folder / RECIPE_FILE).is_file() or not folder.is_dir():
+        return folder  # load_recipe reports a missing folder clearly
+    candidates = sorted(p.parent for p in folder.glob(f"*/{RECIPE_FILE}"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise RecipeError(f"weights folder {folder} holds several recipes ({', '.join(p.name for p in candidates)}): "
+                          f"pass --weights {folder}/<name> to choose one")
+    return folder
+
+
+def default_weights() -> Path:
+    """Grand-challenge model tarball at /opt/ml/model when it holds a recipe, else the image's weights/ folder."""
+    if GC_MODEL_DIR.is_dir() and list(GC_MODEL_DIR.glob(f"**/{RECIPE_FILE}")):
+        return GC_MODEL_DIR
+    return BUNDLED_WEIGHTS
+
+
+def run_one(*, ct: Path, pet: Path, out: Path, weights: Path, report_path: Path | None, device: str,
+            debug: bool) -> int:
+    """Predict one case and write its mask; returns the exit code."""
+    report = RunReport()
+    code = 0
+    try:
+        recipe = load_recipe(resolve_weights(weights))
+        prediction = predict_files(ct, pet, recipe, device=device, report=report)
+        with report.stage("write"):
+            write_image_atomic(prediction.mask, out)
+        report.set("output", str(out))
+        report.finish("ok")
+    except HnsegError as exc:
+        report.finish("error", str(exc))
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, never leave a partial output
+        report.finish("internal error", f"{type(exc).__name__}: {exc}")
+        print(f"hnseg: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        code = EXIT_INTERNAL_ERROR
+        if debug:
+            traceback.print_exc()
+    if report_path is not None:
+        report.write(report_path)
+    print(report.summary_line())
+    return code
+
+
+def _env_path(name: str, default) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else (Path(default) if default is not None else None)
+
+
+def container_main(argv: list[str] | None = None) -> int:
+    """process.py: /input → /output/images/tumor-lymph-node-segmentation/output.mha, as on grand-challenge."""
+    parser = argparse.ArgumentParser(prog="process.py", description=container_main.__doc__)
+    parser.add_argument("--input", type=Path, default=_env_path("HNSEG_INPUT", "/input"))
+    parser.add_argument("--output", type=Path, default=_env_path("HNSEG_OUTPUT", "/output"))
+    parser.add_argument("--weights", type=Path, default=_env_path("HNSEG_WEIGHTS", None))
+    parser.add_argument("--report", type=Path, default=_env_path("HNSEG_REPORT", "/tmp/hnseg/report.json"))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
+    parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
+    args = parser.parse_args(argv)
+    weights = args.weights or default_weights()
+    try:
+        ct, pet = discover_inputs(args.input)
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return run_one(ct=ct, pet=pet, out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
+                   device=args.device, debug=args.debug)
+
+
+def _batch(args) -> int:
+    """Every case folder under --input (GC layout: CASE/[input/]images/{ct,pet}/*) → --out/CASE.mha."""
+    from tqdm import tqdm
+
+    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir())
+    if not cases:
+        print(f"hnseg: error: no case folders in {args.input}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    failed = []
+    for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
+        root = case / "input" if (case / "input" / "images").is_dir() else case
+        try:
+            ct, pet = discover_inputs(root)
+        except HnsegError as exc:
+            print(f"hnseg: error: {case.name}: {exc}", file=sys.stderr)
+            failed.append(case.name)
+            continue
+        report = Path(args.out) / f"{case.name}.report.json"
+        if run_one(ct=ct, pet=pet, out=Path(args.out) / f"{case.name}.mha", weights=args.weights,
+                   report_path=report, device=args.device, debug=args.debug):
+            failed.append(case.name)
+    print(f"hnseg batch: {len(cases) - len(failed)} of {len(cases)} cases ok"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return EXIT_USER_ERROR if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    common.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("predict", parents=[common], help="one case: --ct CT --pet PET --out MASK")
+    p.add_argument("--ct", type=Path, required=True)
+    p.add_argument("--pet", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--report", type=Path, default=None)
+
+    b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
+    b.add_argument("--input", type=Path, required=True)
+    b.add_argument("--out", type=Path, required=True)
+
+    args = parser.parse_args(argv)
+    args.weights = args.weights or default_weights()
+    if args.command == "predict":
+        return run_one(ct=args.ct, pet=args.pet, out=args.out, weights=args.weights, report_path=args.report,
+                       device=args.device, debug=args.debug)
+    return _batch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The channel catalogue: how each model input channel is made from the sampled CT or PET.
+
+A channel is a source ("ct", "pet" or "zero") and a list of operations applied in order, each a small dict
+declared in the recipe. Statistics (z-score, min-max) are taken over the model's input grid.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import RecipeError
+
+SOURCES = ("ct", "pet", "zero")
+
+
+def _window(x, *, min, max, to):  # noqa: A002 - recipe key names
+    lo, hi = to
+    return (np.clip(x, min, max) - min) / (max - min) * (hi - lo) + lo
+
+
+def _clip(x, *, min, max):  # noqa: A002
+    return np.clip(x, min, max)
+
+
+def _minmax(x, *, to):
+    lo, hi = to
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_max == x_min:
+        return np.full_like(x, lo)
+    return (x - x_min) / (x_max - x_min) * (hi - lo) + lo
+
+
+def _zscore(x, *, over):
+    if over == "nonzero":
+        mask = x != 0
+        if not mask.any():
+            return np.zeros_like(x)
+        values = x[mask]
+        return np.where(mask, (x - values.mean()) / max(float(values.std()), 1e-8), 0).astype(np.float32)
+    return (x - x.mean()) / max(float(x.std()), 1e-8)
+
+
+def _nnunet_ct(x, *, percentile_00_5, percentile_99_5, mean, std):
+    """nnU-Net v2 CTNormalization: clip to the dataset's foreground percentiles, then dataset mean/std."""
+    return (np.clip(x, percentile_00_5, percentile_99_5) - mean) / max(std, 1e-8)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _power(x, *, exponent):
+    return np.power(x, exponent)
+
+
+def _cbrt(x):
+    return np.cbrt(x)
+
+
+def _scale(x, *, factor, offset=0.0):
+    return x * factor + offset
+
+
+# op name → (function, required parameter names, optional parameter names)
+OPS: dict[str, tuple[Callable, set[str], set[str]]] = {
+    "window": (_window, {"min", "max", "to"}, set()),
+    "clip": (_clip, {"min", "max"}, set()),
+    "minmax": (_minmax, {"to"}, set()),
+    "zscore": (_zscore, {"over"}, set()),
+    "nnunet_ct": (_nnunet_ct, {"percentile_00_5", "percentile_99_5", "mean", "std"}, set()),
+    "sigmoid": (_sigmoid, set(), set()),
+    "power": (_power, {"exponent"}, set()),
+    "cbrt": (_cbrt, set(), set()),
+    "scale": (_scale, {"factor"}, {"offset"}),
+    # PET stored values → SUV (× the factor found by unit detection); bound at run time.
+    "suv": (None, set(), set()),
+}
+
+
+def validate_ops(ops: list, *, source: str, where: str) -> tuple[dict, ...]:
+    """Check a channel's op list once, at recipe load; RecipeError naming the op and key at fault."""
+    checked = []
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict) or "op" not in op:
+            raise RecipeError(f"{where}: ops[{i}] must be an object with an 'op' key, got {op!r}")
+        name = op["op"]
+        if name not in OPS:
+            raise RecipeError(f"{where}: unknown op {name!r} in ops[{i}]; known ops: {', '.join(sorted(OPS))}")
+        _, required, optional = OPS[name]
+        params = set(op) - {"op"}
+        if missing := required - params:
+            raise RecipeError(f"{where}: op {name!r} misses {sorted(missing)}")
+        if unknown := params - required - optional:
+            raise RecipeError(f"{where}: op {name!r} has unknown key(s) {sorted(unknown)}; allowed: "
+                              f"{sorted(required | optional)}")
+        if name == "suv" and source != "pet":
+            raise RecipeError(f"{where}: op 'suv' applies only to a 'pet' source, not {source!r}")
+        if name == "zscore" and op["over"] not in ("all", "nonzero"):
+            raise RecipeError(f"{where}: zscore 'over' must be 'all' or 'nonzero', got {op['over']!r}")
+        if name in ("window", "clip") and not op["max"] > op["min"]:
+            raise RecipeError(f"{where}: op {name!r} needs max > min, got min={op['min']} max={op['max']}")
+        checked.append(dict(op))
+    return tuple(checked)
+
+
+def apply_ops(x: np.ndarray, ops: tuple[dict, ...], *, suv_per_stored_value: float) -> np.ndarray:
+    """Apply validated ops in order to a float32 array; returns float32."""
+    for op in ops:
+        params = {k: v for k, v in op.items() if k != "op"}
+        if op["op"] == "suv":
+            x = x * np.float32(suv_per_stored_value)
+        else:
+            x = OPS[op["op"]][0](x, **params)
+    return np.asarray(x, dtype=np.float32)
+
+
+def needs_suv(ops: tuple[dict, ...]) -> bool:
+    return any(op["op"] == "suv" for op in ops)

@@ -1,0 +1,80 @@
+"""One model of the ensemble: its grid inside the ROI box, its input channels sampled straight from the native
+CT/PET (one interpolation), and its fold-averaged probabilities on that grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from .engine import OnnxModel
+from .errors import ModelError
+from .grid import IDENTITY, Box, Grid, sample
+from .intensity import apply_ops
+from .io import FILL_VALUE, Case
+from .recipe import HeadSpec, ModelSpec
+from .sliding_window import predict_sliding_window
+
+
+def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
+    """The model's voxel grid: the ROI box at the model's spacing, along LPS axes or along the CT's own axes."""
+    frame = IDENTITY if spec.orientation == "lps" else ct_grid.direction
+    return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm)
+
+
+def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
+    """float32 [C, z, y, x]: each channel sampled once from its native image, then its ops applied."""
+    images: dict[str, sitk.Image] = {"ct": case.ct, "pet": case.pet}
+    sampled: dict[tuple[str, str], np.ndarray] = {}  # the same source/interpolation is sampled once per model
+    channels = []
+    for channel in spec.channels:
+        if channel.source == "zero":
+            channels.append(np.zeros(grid.size_zyx, dtype=np.float32))
+            continue
+        key = (channel.source, channel.interpolation)
+        if key not in sampled:
+            sampled[key] = sample(images[channel.source], grid, interpolation=channel.interpolation,
+                                  fill_value=FILL_VALUE[channel.source])
+        channels.append(apply_ops(sampled[key], channel.ops,
+                                  suv_per_stored_value=case.pet_unit.suv_per_stored_value))
+    return np.stack(channels)
+
+
+def activate(logits_kzyx: np.ndarray, head: HeadSpec) -> np.ndarray:
+    """Logits → probabilities: softmax over the outputs, or an independent sigmoid per region."""
+    if head.type == "softmax":
+        shifted = np.exp(logits_kzyx - logits_kzyx.max(axis=0, keepdims=True))
+        return shifted / shifted.sum(axis=0, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-logits_kzyx))
+
+
+def load_folds(spec: ModelSpec, *, device: str) -> list[OnnxModel]:
+    """One session per fold file, checked against the recipe's channels and outputs."""
+    folds = []
+    for path in spec.files:
+        model = OnnxModel(path, device=device)
+        if model.n_input_channels not in (None, len(spec.channels)):
+            raise ModelError(f"{path} expects {model.n_input_channels} input channels but recipe model "
+                             f"{spec.name!r} declares {len(spec.channels)}: fix the recipe's 'channels'")
+        if model.n_outputs not in (None, spec.head.n_outputs):
+            raise ModelError(f"{path} produces {model.n_outputs} outputs but recipe model {spec.name!r} declares "
+                             f"{spec.head.n_outputs} ({spec.head.type} head): fix the recipe's 'head'")
+        folds.append(model)
+    return folds
+
+
+def predict_probabilities(spec: ModelSpec, folds: list[OnnxModel], image_czyx: np.ndarray) -> np.ndarray:
+    """float32 [K, z, y, x] probabilities on the model grid, folds averaged as logits or as probabilities."""
+    total = None
+    for fold in folds:
+        logits = predict_sliding_window(fold, image_czyx, patch_zyx=spec.patch_size_zyx,
+                                        n_outputs=spec.head.n_outputs, step_fraction=spec.step_fraction,
+                                        tile_batch=spec.tile_batch, mirror_axes_zyx=spec.mirror_axes_zyx,
+                                        gaussian=spec.gaussian)
+        term = logits if spec.fold_average == "logits" else activate(logits, spec.head)
+        if total is None:
+            total = term
+        else:
+            total += term
+    mean = total / len(folds)
+    result = activate(mean, spec.head) if spec.fold_average == "logits" else mean
+    return result.astype(np.float32, copy=False)

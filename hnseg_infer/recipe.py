@@ -1,0 +1,253 @@
+"""The recipe: `weights/<name>/recipe.json`, written by export/, validated once here into frozen dataclasses.
+
+Everything that defines how the models run lives in the recipe (ROI method, per-model grid, channels, head,
+tiling, TTA, fold averaging, post-processing), so a new system is a new recipe, not a code branch. Loading is
+strict: unknown keys, missing files and bad values are RecipeErrors naming the file, key and value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RecipeError
+from .intensity import SOURCES, validate_ops
+from .postprocess import PostprocessConfig
+
+SCHEMA_VERSION = 1
+RECIPE_FILE = "recipe.json"
+ORIENTATIONS = ("lps", "ct")  # model grid axes: patient LPS axes, or the CT's own axes (as nnU-Net/MONAI see arrays)
+INTERPOLATIONS = ("linear", "bspline")
+FOLD_AVERAGES = ("probabilities", "logits")
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    source: str
+    interpolation: str
+    ops: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """softmax: one output per label (`labels[k]` is channel k's label value).
+    sigmoid: one output per region (`regions[k]` is the set of labels it covers); decoding paints, in order,
+    `region_labels[k]` wherever region k's probability > 0.5, as nnU-Net's regions_class_order."""
+
+    type: str
+    labels: tuple[int, ...] = ()
+    regions: tuple[tuple[int, ...], ...] = ()
+    region_labels: tuple[int, ...] = ()
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.labels) if self.type == "softmax" else len(self.regions)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    files: tuple[Path, ...]
+    sha256: tuple[str, ...]
+    spacing_xyz_mm: tuple[float, float, float]
+    orientation: str
+    patch_size_zyx: tuple[int, int, int]
+    channels: tuple[ChannelSpec, ...]
+    head: HeadSpec
+    fold_average: str
+    step_fraction: float
+    mirror_axes_zyx: tuple[int, ...]
+    tile_batch: int
+    gaussian: bool
+    weight: float
+
+
+@dataclass(frozen=True)
+class RoiSpec:
+    method: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    roi: RoiSpec
+    models: tuple[ModelSpec, ...]
+    postprocess: PostprocessConfig
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "name": self.name, "sha256": self.sha256, "roi": self.roi.method,
+                "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256)}
+                           for m in self.models]}
+
+
+class _Reader:
+    """Pops keys from one JSON object and complains, with the object's location, about missing or unknown ones."""
+
+    def __init__(self, obj, where: str):
+        if not isinstance(obj, dict):
+            raise RecipeError(f"{where} must be a JSON object, got {type(obj).__name__}")
+        self.obj, self.where = dict(obj), where
+
+    def take(self, key, *, default=..., kind=None):
+        if key not in self.obj:
+            if default is ...:
+                raise RecipeError(f"{self.where}: missing required key {key!r}")
+            return default
+        value = self.obj.pop(key)
+        if kind is not None and not isinstance(value, kind):
+            raise RecipeError(f"{self.where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+        return value
+
+    def done(self, allowed: tuple[str, ...]):
+        if self.obj:
+            raise RecipeError(f"{self.where}: unknown key(s) {sorted(self.obj)}; allowed keys: {sorted(allowed)}")
+
+
+def _numbers(value, n, where, key, kind=float):
+    if not (isinstance(value, list) and len(value) == n and all(isinstance(v, (int, float)) for v in value)):
+        raise RecipeError(f"{where}: {key!r} must be a list of {n} numbers, got {value!r}")
+    out = tuple(kind(v) for v in value)
+    if any(v <= 0 for v in out):
+        raise RecipeError(f"{where}: {key!r} must be positive, got {value!r}")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _channel(obj, where) -> ChannelSpec:
+    keys = ("source", "interpolation", "ops")
+    r = _Reader(obj, where)
+    source = r.take("source", kind=str)
+    if source not in SOURCES:
+        raise RecipeError(f"{where}: source must be one of {SOURCES}, got {source!r}")
+    interpolation = r.take("interpolation", default="linear", kind=str)
+    if interpolation not in INTERPOLATIONS:
+        raise RecipeError(f"{where}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    ops = validate_ops(r.take("ops", default=[], kind=list), source=source, where=where)
+    r.done(keys)
+    return ChannelSpec(source, interpolation, ops)
+
+
+def _head(obj, where) -> HeadSpec:
+    keys = ("type", "labels", "regions", "region_labels")
+    r = _Reader(obj, where)
+    kind = r.take("type", kind=str)
+    if kind == "softmax":
+        labels = tuple(r.take("labels", kind=list))
+        if sorted(labels) != sorted(set(labels)) or not set(labels) <= {0, 1, 2} or 0 not in labels:
+            raise RecipeError(f"{where}: softmax 'labels' must be distinct values of {{0,1,2}} including 0, "
+                              f"got {labels}")
+        r.done(keys)
+        return HeadSpec("softmax", labels=labels)
+    if kind == "sigmoid":
+        regions = tuple(tuple(region) for region in r.take("regions", kind=list))
+        region_labels = tuple(r.take("region_labels", kind=list))
+        if len(regions) != len(region_labels) or not regions:
+            raise RecipeError(f"{where}: 'regions' and 'region_labels' must be non-empty lists of equal length")
+        if not all(set(region) <= {1, 2} and region for region in regions) or not set(region_labels) <= {1, 2}:
+            raise RecipeError(f"{where}: regions must be non-empty sets of labels 1/2, got {regions}")
+        r.done(keys)
+        return HeadSpec("sigmoid", regions=regions, region_labels=region_labels)
+    raise RecipeError(f"{where}: head type must be 'softmax' or 'sigmoid', got {kind!r}")
+
+
+def _model(obj, where, folder: Path) -> ModelSpec:
+    keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
+            "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight")
+    r = _Reader(obj, where)
+    name = r.take("name", kind=str)
+    where = f"{where} ({name})"
+    files = tuple(folder / f for f in r.take("files", kind=list))
+    if not files:
+        raise RecipeError(f"{where}: 'files' lists no model file")
+    for f in files:
+        if not f.is_file():
+            raise RecipeError(f"{where}: model file {f} does not exist: re-export the model or fix 'files'")
+    spacing = _numbers(r.take("spacing_xyz_mm"), 3, where, "spacing_xyz_mm")
+    orientation = r.take("orientation", default="lps", kind=str)
+    if orientation not in ORIENTATIONS:
+        raise RecipeError(f"{where}: orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    patch = _numbers(r.take("patch_size_zyx"), 3, where, "patch_size_zyx", kind=int)
+    channels = tuple(_channel(c, f"{where} channels[{i}]") for i, c in enumerate(r.take("channels", kind=list)))
+    if not channels:
+        raise RecipeError(f"{where}: 'channels' is empty")
+    head = _head(r.take("head"), f"{where} head")
+    fold_average = r.take("fold_average", default="probabilities", kind=str)
+    if fold_average not in FOLD_AVERAGES:
+        raise RecipeError(f"{where}: fold_average must be one of {FOLD_AVERAGES}, got {fold_average!r}")
+    step = float(r.take("step_fraction", default=0.5, kind=(int, float)))
+    if not 0 < step <= 1:
+        raise RecipeError(f"{where}: step_fraction must be in (0, 1], got {step}")
+    mirror = tuple(r.take("mirror_axes_zyx", default=[], kind=list))
+    if not set(mirror) <= {0, 1, 2} or len(set(mirror)) != len(mirror):
+        raise RecipeError(f"{where}: mirror_axes_zyx must be distinct axes of 0, 1, 2, got {list(mirror)}")
+    tile_batch = r.take("tile_batch", default=1, kind=int)
+    if tile_batch < 1:
+        raise RecipeError(f"{where}: tile_batch must be >= 1, got {tile_batch}")
+    gaussian = r.take("gaussian", default=True, kind=bool)
+    weight = float(r.take("weight", default=1.0, kind=(int, float)))
+    if weight <= 0:
+        raise RecipeError(f"{where}: weight must be > 0, got {weight}")
+    r.done(keys)
+    return ModelSpec(name, files, tuple(_sha256(f) for f in files), spacing, orientation, patch, channels, head,
+                     fold_average, step, mirror, tile_batch, gaussian, weight)
+
+
+def _check_heads_combine(models: tuple[ModelSpec, ...], where: str) -> None:
+    """Sigmoid models in one ensemble must share their regions (softmax models are converted to them)."""
+    region_sets = {(m.head.regions, m.head.region_labels) for m in models if m.head.type == "sigmoid"}
+    if len(region_sets) > 1:
+        raise RecipeError(f"{where}: sigmoid models declare different regions {sorted(region_sets)}; an ensemble "
+                          f"needs one region set")
+
+
+def find_recipe(weights_dir: Path) -> Path:
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise RecipeError(f"weights folder {weights_dir} does not exist: pass --weights DIR holding {RECIPE_FILE} "
+                          f"and the ONNX models")
+    path = weights_dir / RECIPE_FILE
+    if not path.is_file():
+        raise RecipeError(f"no {RECIPE_FILE} in weights folder {weights_dir}: export a model with export/to_onnx.py "
+                          f"or point --weights at a folder that has one")
+    return path
+
+
+def load_recipe(weights_dir: Path) -> Recipe:
+    """Read and validate `weights_dir/recipe.json`."""
+    path = find_recipe(weights_dir)
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path} is not valid JSON ({exc}): fix or re-export it") from exc
+    where = str(path)
+    keys = ("schema_version", "name", "description", "roi", "models", "postprocess")
+    r = _Reader(raw, where)
+    version = r.take("schema_version", kind=int)
+    if version != SCHEMA_VERSION:
+        raise RecipeError(f"{where}: schema_version {version} is not supported (this hnseg reads {SCHEMA_VERSION}): "
+                          f"re-export the weights with this version's export/to_onnx.py")
+    name = r.take("name", kind=str)
+    r.take("description", default="", kind=str)
+    roi_reader = _Reader(r.take("roi"), f"{where} roi")
+    roi = RoiSpec(roi_reader.take("method", kind=str), roi_reader.take("params", default={}, kind=dict))
+    roi_reader.done(("method", "params"))
+    model_objs = r.take("models", kind=list)
+    if not model_objs:
+        raise RecipeError(f"{where}: 'models' is empty")
+    models = tuple(_model(m, f"{where} models[{i}]", path.parent) for i, m in enumerate(model_objs))
+    _check_heads_combine(models, where)
+    postprocess = PostprocessConfig.from_dict(r.take("postprocess", default={}, kind=dict))
+    r.done(keys)
+    return Recipe(path, name, roi, models, postprocess, _sha256(path))

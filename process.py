@@ -1,0 +1,13 @@
+"""Grand-challenge entry point (HECKTOR 2025 Task 1).
+
+Reads /input/images/{ct,pet}/*, writes /output/images/tumor-lymph-node-segmentation/output.mha (uint8, labels
+0/1/2, exactly the CT grid) and nothing else under /output. Run locally with the same paths and limits:
+    python process.py --input CASE/input --output OUT --weights weights/demo --report OUT.report.json
+"""
+
+import sys
+
+from hnseg_infer.cli import container_main
+
+if __name__ == "__main__":
+    sys.exit(container_main())
