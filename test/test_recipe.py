@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from builders import model_entry, write_weights
+from hnseg_infer.errors import RecipeError
+from hnseg_infer.recipe import load_recipe
+
+
+def edit(folder, fn):
+    recipe = json.loads((folder / "recipe.json").read_text())
+    fn(recipe)
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    return folder
+
+
+def test_valid_recipe_loads_with_defaults_filled(tmp_path):
+    recipe = load_recipe(write_weights(tmp_path))
+    (model,) = recipe.models
+    assert model.orientation == "lps" and model.fold_average == "probabilities" and model.gaussian is True
+    assert model.mirror_axes_zyx == () and model.patch_size_zyx == (16, 16, 16)
+    assert model.channels[1].ops == ({"op": "suv"},) and model.head.n_outputs == 3
+    assert len(model.sha256[0]) == 64 and len(recipe.sha256) == 64
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.update(extra_key=1), "unknown key(s) ['extra_key']"),
+    (lambda r: r.update(schema_version=7), "schema_version 7 is not supported"),
+    (lambda r: r["models"][0].update(fold_average="median"), "fold_average must be one of"),
+    (lambda r: r["models"][0].update(step_fraction=0), "step_fraction must be in (0, 1]"),
+    (lambda r: r["models"][0].update(mirror_axes_zyx=[0, 3]), "mirror_axes_zyx"),
+    (lambda r: r["models"][0].update(spacing_xyz_mm=[1, 1]), "'spacing_xyz_mm' must be a list of 3 numbers"),
+    (lambda r: r["models"][0].update(orientation="ras"), "orientation must be one of"),
+    (lambda r: r["models"][0]["channels"][0].update(source="mri"), "source must be one of"),
+    (lambda r: r["models"][0]["channels"][0].update(interp="linear"), "unknown key(s) ['interp']"),
+    (lambda r: r["models"][0].update(head={"type": "softmax", "labels": [1, 2]}), "including 0"),
+    (lambda r: r["models"][0].update(head={"type": "sigmoid", "regions": [[1, 2]], "region_labels": [1, 2]}),
+     "equal length"),
+    (lambda r: r["models"][0].update(files=["nope.onnx"]), "nope.onnx does not exist"),
+    (lambda r: r.update(models=[]), "'models' is empty"),
+    (lambda r: r["roi"].update(size=3), "unknown key(s) ['size']"),
+    (lambda r: r.update(postprocess={"min_volume": 3}), "min_volume"),
+])
+def test_invalid_recipes_name_the_key(tmp_path, mutate, message):
+    folder = edit(write_weights(tmp_path), mutate)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(folder)
+    assert message in str(info.value)
+    assert "recipe.json" in str(info.value) or "postprocess" in str(info.value) or "min_volume" in str(info.value)
+
+
+def test_sigmoid_models_with_different_regions_cannot_be_ensembled(tmp_path):
+    a = model_entry(name="a", files=["a.onnx"], head={"type": "sigmoid", "regions": [[1, 2], [2]], "region_labels": [1, 2]})
+    b = model_entry(name="b", files=["b.onnx"], head={"type": "sigmoid", "regions": [[1], [2]], "region_labels": [1, 2]})
+    with pytest.raises(RecipeError, match="different regions"):
+        load_recipe(write_weights(tmp_path, models=[a, b]))
+
+
+def test_not_json_and_missing_recipe(tmp_path):
+    folder = write_weights(tmp_path / "w")
+    (folder / "recipe.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="not valid JSON"):
+        load_recipe(folder)
+    (folder / "recipe.json").unlink()
+    with pytest.raises(RecipeError, match="no recipe.json"):
+        load_recipe(folder)
