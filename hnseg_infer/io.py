@@ -57,7 +57,8 @@ def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
 
 
 def read_image(path: Path, role: str) -> sitk.Image:
-    """Read a 3-D scalar image as float32; InputError with the file name for anything else."""
+    """Read a 3-D scalar image; InputError with the file name for anything else.
+    Integer images keep their type (an int16 whole-body CT is half the memory of float32); floats become float32."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{role.upper()} image {path} does not exist")
@@ -80,11 +81,15 @@ def read_image(path: Path, role: str) -> sitk.Image:
                          f"least 2 voxels along every axis")
     if min(image.GetSpacing()) <= 0:
         raise InputError(f"{role.upper()} image {path} has non-positive spacing {list(image.GetSpacing())} mm")
-    return sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() == sitk.sitkFloat64:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    return image
 
 
 def repair_nonfinite(image: sitk.Image, *, role: str, path: Path, warnings: list[str]) -> sitk.Image:
     """Replace a few NaN/inf voxels by the role's fill value (reported); refuse an image that is mostly broken."""
+    if image.GetPixelID() != sitk.sitkFloat32:
+        return image  # integer voxels are always finite
     array = sitk.GetArrayViewFromImage(image)
     bad = ~np.isfinite(array)
     n_bad = int(bad.sum())
