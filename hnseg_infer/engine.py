@@ -1,0 +1,161 @@
+"""The onnxruntime backend: one ONNX model as the callable `float32[N, C, z, y, x] -> float32[N, K, z, y, x]`.
+
+Provider choice is explicit and recorded: "cuda" asks for TensorRT (fp16, engine cache), then CUDA, then CPU, and
+every provider asked for but not obtained becomes a human-readable line in `fallbacks` for the run report.
+onnxruntime's own silent fallback is turned off so that nothing changes without a line saying so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArgument, InvalidGraph, InvalidProtobuf
+from onnxruntime.capi.onnxruntime_pybind11_state import NoSuchFile, RuntimeException
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+from .errors import ModelError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+TRT_CACHE = Path("/tmp/hnseg/trt-cache")  # /tmp is writable on grand-challenge; engines survive between models
+
+# Errors that say the file itself is bad: no other provider would load it either.
+_MODEL_FILE_ERRORS = (InvalidProtobuf, InvalidGraph, InvalidArgument, NoSuchFile)
+# Errors a provider may raise when it cannot start (missing CUDA/TensorRT libraries, unsupported GPU, ...).
+_PROVIDER_ERRORS = (Fail, EPFail, RuntimeException, OrtNotImplemented, RuntimeError, ValueError)
+_RUN_ERRORS = (Fail, EPFail, InvalidArgument, RuntimeException, OrtNotImplemented)
+_INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def plan_providers(device: str, available: list[str]) -> tuple[list[str], list[str]]:
+    """The providers to ask for, best first, and a fallback line for each one wanted but not in this build."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if CUDA in available else "cpu"
+    if device == "cpu":
+        return [CPU], []
+    wanted = [TENSORRT, CUDA, CPU]
+    missing = [p for p in wanted if p not in available]
+    fallbacks = [f"{p} requested (device 'cuda') but not in this onnxruntime build (available: "
+                 f"{', '.join(available)}); install onnxruntime-gpu with matching CUDA/TensorRT to use it"
+                 for p in missing]
+    return [p for p in wanted if p in available], fallbacks
+
+
+class OnnxModel:
+    """An onnxruntime session over one .onnx file, callable on [N, C, z, y, x] batches.
+
+    Static input/output dimensions are exposed (None where dynamic) so that callers can check them against the
+    recipe: `n_input_channels`, `n_outputs`, `fixed_batch`, `patch_zyx`. A model exported with a fixed batch size
+    is run in chunks of that size whatever batch it is given.
+    """
+
+    def __init__(self, path: Path, *, device: str = "auto", threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file not found: check the recipe's 'files' and the weights folder")
+        if threads is not None and not (isinstance(threads, int) and threads > 0):
+            raise ModelError(f"threads must be a positive integer or None, got {threads!r}")
+        providers, self.fallbacks = plan_providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        self._session = self._open_session(providers, options)
+        self.provider: str = self._session.get_providers()[0]
+        self._read_signature()
+
+    def __call__(self, batch_nczyx: np.ndarray) -> np.ndarray:
+        """float32 logits [N, K, z, y, x] for a [N, C, z, y, x] batch."""
+        batch = np.asarray(batch_nczyx)
+        self._check_batch(batch.shape)
+        batch = np.ascontiguousarray(batch, dtype=self._input_dtype)
+        chunk = self.fixed_batch or len(batch)
+        parts = [self._run_padded(batch[i:i + chunk], chunk) for i in range(0, len(batch), chunk)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.path.name!r} on {self.provider})"
+
+    def _open_session(self, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
+        """A session on the first provider chain that starts; each provider dropped on the way is a fallback line."""
+        while True:
+            try:
+                session = ort.InferenceSession(str(self.path), sess_options=options,
+                                               providers=[_with_options(p) for p in providers], enable_fallback=0)
+            except _MODEL_FILE_ERRORS as error:
+                raise ModelError(f"{self.path}: not a loadable ONNX model ({error}): re-export it or replace the "
+                                 f"file (a truncated copy or a Git LFS pointer looks like this)") from error
+            except _PROVIDER_ERRORS as error:
+                if len(providers) == 1:
+                    raise ModelError(f"{self.path}: onnxruntime cannot create a session on {providers[0]} ({error}): "
+                                     f"check the model's opset and operators, or re-export it") from error
+                self.fallbacks.append(f"{providers[0]} failed to start for {self.path.name} ({error}); "
+                                      f"falling back to {providers[1]}")
+                providers = providers[1:]
+                continue
+            # A provider that cannot register (e.g. missing libcudnn) may be dropped with only a log line.
+            obtained = session.get_providers()
+            self.fallbacks += [f"{p} could not be registered for {self.path.name}; running on {obtained[0]}"
+                               for p in providers if p not in obtained]
+            return session
+
+    def _read_signature(self) -> None:
+        """Input/output names, dtype and the static dimensions, checked to be one 5-D input and a 5-D output."""
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{self.path}: the model has {len(inputs)} inputs ({[i.name for i in inputs]}); hnseg "
+                             f"feeds one [N, C, z, y, x] tensor: re-export with a single input")
+        shape_in, shape_out = list(inputs[0].shape), list(outputs[0].shape)
+        if len(shape_in) != 5 or len(shape_out) not in (0, 5):  # 0: the graph leaves the output rank unknown
+            raise ModelError(f"{self.path}: input shape {shape_in} and output shape {shape_out} must both be 5-D "
+                             f"[N, C, z, y, x]: export the 3-D network with a batch and a channel axis")
+        if inputs[0].type not in _INPUT_DTYPES:
+            raise ModelError(f"{self.path}: input type {inputs[0].type} is not float32 or float16: re-export it")
+        static = [d if isinstance(d, int) and d > 0 else None for d in shape_in]
+        self._input_name, self._output_name = inputs[0].name, outputs[0].name  # extra outputs: deep supervision
+        self._input_dtype = _INPUT_DTYPES[inputs[0].type]
+        self.fixed_batch: int | None = static[0]
+        self.n_input_channels: int | None = static[1]
+        self.patch_zyx: tuple[int, int, int] | None = tuple(static[2:]) if None not in static[2:] else None
+        k = shape_out[1] if shape_out else None
+        self.n_outputs: int | None = k if isinstance(k, int) and k > 0 else None
+
+    def _check_batch(self, shape: tuple[int, ...]) -> None:
+        """Say what is wrong with a batch in our terms, before onnxruntime says it in its own."""
+        if len(shape) != 5 or shape[0] == 0:
+            raise ModelError(f"{self.path}: given an array of shape {shape}; the model takes a non-empty 5-D "
+                             f"[N, C, z, y, x] batch")
+        if self.n_input_channels is not None and shape[1] != self.n_input_channels:
+            raise ModelError(f"{self.path}: given {shape[1]} channels, the model takes {self.n_input_channels}: "
+                             f"fix the recipe's 'channels'")
+        if self.patch_zyx is not None and tuple(shape[2:]) != self.patch_zyx:
+            raise ModelError(f"{self.path}: given tiles of {tuple(shape[2:])}, the model is fixed to "
+                             f"{self.patch_zyx}: set the recipe's patch_size_zyx to it")
+
+    def _run_padded(self, chunk: np.ndarray, size: int) -> np.ndarray:
+        """Run one chunk, zero-filled up to `size` items (a fixed-batch model's last chunk), extra items dropped."""
+        n = len(chunk)
+        if n < size:
+            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+        try:
+            (logits,) = self._session.run([self._output_name], {self._input_name: chunk})
+        except _RUN_ERRORS as error:
+            raise ModelError(f"{self.path}: onnxruntime failed on a batch of shape {chunk.shape} with {self.provider} "
+                             f"({error}): if it ran out of memory lower the recipe's tile_batch or run with "
+                             f"--device cpu") from error
+        return logits[:n].astype(np.float32, copy=False)
+
+
+def _with_options(provider: str) -> str | tuple[str, dict]:
+    """TensorRT in fp16 (the T4 has fp16 tensor cores) with engines cached, so later runs skip the build."""
+    if provider != TENSORRT:
+        return provider
+    TRT_CACHE.mkdir(parents=True, exist_ok=True)
+    return (TENSORRT, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                       "trt_engine_cache_path": str(TRT_CACHE)})

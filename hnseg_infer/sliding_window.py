@@ -1,0 +1,160 @@
+"""Sliding-window inference over a [C, z, y, x] volume, as nnU-Net v2's predictor does it.
+
+The network is any callable `float32[N, C, z, y, x] -> float32[N, K, z, y, x]` (logits); this module does not know
+which backend runs it. Tile positions, the Gaussian importance map, padding of small images and mirroring TTA
+follow nnunetv2/inference (compute_steps_for_sliding_window, compute_gaussian, pad_nd_image,
+_internal_maybe_mirror_and_predict) so that predictions match nnUNetPredictor. One deliberate difference: the
+accumulators are float32 where nnU-Net uses float16 on the GPU (more exact; the volumes here fit in host memory).
+
+Memory: one float32 [K, z, y, x] accumulator, one [z, y, x] weight map and the (padded) input; everything else is
+tile-sized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from itertools import combinations, product
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from .errors import ModelError
+
+RunBatch = Callable[[np.ndarray], np.ndarray]
+
+GAUSSIAN_PEAK = 10.0  # nnU-Net's value_scaling_factor: keeps the tails of the map far from float underflow
+
+
+def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch_zyx: Sequence[int],
+                           n_outputs: int, step_fraction: float = 0.5, tile_batch: int = 1,
+                           mirror_axes_zyx: Sequence[int] = (), sigma_fraction: float = 1 / 8,
+                           gaussian: bool = True) -> np.ndarray:
+    """float32 [K, z, y, x] logits: tiles weighted by a Gaussian (or uniformly) and averaged where they overlap.
+
+    An axis shorter than the patch is zero-padded symmetrically to the patch and cropped back afterwards.
+    With `mirror_axes_zyx`, each tile is predicted 2**len(axes) times (every combination of flips) and the
+    logits averaged. Tiles go to `run_batch` `tile_batch` at a time.
+    """
+    patch = _check_patch(patch_zyx)
+    _check_arguments(image_czyx, n_outputs=n_outputs, step_fraction=step_fraction, tile_batch=tile_batch,
+                     mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction)
+    image, crop = _pad_to_patch(np.asarray(image_czyx, dtype=np.float32), patch)
+    size = image.shape[1:]
+    tile_weights = gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
+
+    logits = np.zeros((n_outputs, *size), np.float32)
+    weights = np.zeros(size, np.float32)
+    # nnU-Net's order: z outermost, x innermost (it matters only for float rounding).
+    corners = list(product(*tile_starts_zyx(size, patch, step_fraction)))
+    for first in range(0, len(corners), tile_batch):
+        boxes = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in corners[first:first + tile_batch]]
+        batch = np.stack([image[(slice(None), *box)] for box in boxes])
+        predicted = _predict_mirrored(run_batch, batch, mirror_axes_zyx, n_outputs)
+        predicted *= tile_weights
+        for box, tile_logits in zip(boxes, predicted):
+            logits[(slice(None), *box)] += tile_logits  # in place: no volume-sized temporary per tile
+            weights[box] += tile_weights
+    np.divide(logits, weights, out=logits)
+    return logits[(slice(None), *crop)]
+
+
+def tile_starts_zyx(image_size_zyx: Sequence[int], patch_zyx: Sequence[int], step_fraction: float) -> list[list[int]]:
+    """Tile start indices per axis, as nnU-Net's compute_steps_for_sliding_window.
+
+    The step is at most patch*step_fraction, shrunk so that the tiles spread evenly from 0 to size - patch.
+    An axis shorter than the patch is padded to it first, so it gets the single start 0.
+    """
+    patch = _check_patch(patch_zyx)
+    if not 0 < step_fraction <= 1:
+        raise ModelError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    starts = []
+    for size, tile in zip((max(int(s), p) for s, p in zip(image_size_zyx, patch)), patch):
+        n_steps = int(np.ceil((size - tile) / (tile * step_fraction))) + 1
+        spacing = (size - tile) / (n_steps - 1) if n_steps > 1 else 0.0
+        # np.round (half to even) as nnU-Net, so that 10.5 -> 10 exactly as there.
+        starts.append([int(np.round(spacing * i)) for i in range(n_steps)])
+    return starts
+
+
+def gaussian_importance(patch_zyx: Sequence[int], sigma_fraction: float = 1 / 8) -> np.ndarray:
+    """float32 weights over a tile, as nnU-Net's compute_gaussian(value_scaling_factor=10): a delta at the centre
+    (index size//2) blurred with sigma = size*sigma_fraction, peak scaled to 10, zeros lifted to the smallest
+    non-zero value (a voxel weighted 0 by every tile would divide 0 by 0). Read-only: it is cached."""
+    if not sigma_fraction > 0:
+        raise ModelError(f"sigma_fraction must be > 0, got {sigma_fraction}")
+    return _gaussian_cached(_check_patch(patch_zyx), float(sigma_fraction))
+
+
+@lru_cache(maxsize=8)
+def _gaussian_cached(patch: tuple[int, int, int], sigma_fraction: float) -> np.ndarray:
+    delta = np.zeros(patch)
+    delta[tuple(size // 2 for size in patch)] = 1
+    blurred = gaussian_filter(delta, [size * sigma_fraction for size in patch], 0, mode="constant", cval=0)
+    weights = (blurred / blurred.max() * GAUSSIAN_PEAK).astype(np.float32)
+    weights[weights == 0] = weights[weights != 0].min()
+    weights.flags.writeable = False
+    return weights
+
+
+def _predict_mirrored(run_batch: RunBatch, batch: np.ndarray, mirror_axes_zyx: Sequence[int],
+                      n_outputs: int) -> np.ndarray:
+    """The mean of the logits over the unflipped batch and every non-empty combination of flipped axes
+    (nnU-Net's _internal_maybe_mirror_and_predict). Returns a new array the caller may modify."""
+    total = np.array(_run_checked(run_batch, batch, n_outputs), dtype=np.float32)  # a copy we own
+    axes_nczyx = [axis + 2 for axis in mirror_axes_zyx]
+    flips = [c for r in range(1, len(axes_nczyx) + 1) for c in combinations(axes_nczyx, r)]
+    for axes in flips:
+        flipped = np.ascontiguousarray(np.flip(batch, axes))
+        total += np.flip(_run_checked(run_batch, flipped, n_outputs), axes)
+    if flips:
+        total /= len(flips) + 1
+    return total
+
+
+def _run_checked(run_batch: RunBatch, batch: np.ndarray, n_outputs: int) -> np.ndarray:
+    """run_batch(batch) as float32, its shape checked: a wrong shape would otherwise broadcast or fail obscurely."""
+    out = np.asarray(run_batch(batch), dtype=np.float32)
+    expected = (batch.shape[0], n_outputs, *batch.shape[2:])
+    if out.shape != expected:
+        raise ModelError(f"the network returned shape {out.shape} for a batch of shape {batch.shape}; expected "
+                         f"{expected} (N, n_outputs, *patch): check the recipe's patch size and number of outputs "
+                         f"against the model")
+    return out
+
+
+def _pad_to_patch(image: np.ndarray, patch: tuple[int, int, int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Zero-pad axes shorter than the patch, the extra split low = diff//2, high = the rest (nnU-Net's
+    pad_nd_image); return the padded image and the slices that crop its spatial axes back. No copy if none."""
+    diffs = [max(p - s, 0) for s, p in zip(image.shape[1:], patch)]
+    if not any(diffs):
+        return image, tuple(slice(None) for _ in patch)
+    widths = [(d // 2, d - d // 2) for d in diffs]
+    padded = np.pad(image, [(0, 0), *widths], mode="constant", constant_values=0)
+    return padded, tuple(slice(lo, lo + s) for (lo, _), s in zip(widths, image.shape[1:]))
+
+
+def _check_patch(patch_zyx: Sequence[int]) -> tuple[int, int, int]:
+    patch = tuple(patch_zyx)
+    if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p > 0
+                                  for p in patch):
+        raise ModelError(f"patch_zyx must be 3 positive integers, got {patch_zyx!r}")
+    return tuple(int(p) for p in patch)
+
+
+def _check_arguments(image_czyx: np.ndarray, *, n_outputs: int, step_fraction: float, tile_batch: int,
+                     mirror_axes_zyx: Sequence[int], sigma_fraction: float) -> None:
+    shape = np.shape(image_czyx)
+    if len(shape) != 4 or 0 in shape:
+        raise ModelError(f"the sliding window takes a non-empty [C, z, y, x] image, got shape {shape}")
+    if not (isinstance(n_outputs, (int, np.integer)) and n_outputs > 0):
+        raise ModelError(f"n_outputs must be a positive integer, got {n_outputs!r}")
+    if not 0 < step_fraction <= 1:
+        raise ModelError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    if not (isinstance(tile_batch, (int, np.integer)) and tile_batch >= 1):
+        raise ModelError(f"tile_batch must be an integer >= 1, got {tile_batch!r}")
+    axes = tuple(mirror_axes_zyx)
+    if len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+        raise ModelError(f"mirror_axes_zyx must be distinct axes among 0 (z), 1 (y), 2 (x), got {axes}")
+    if not sigma_fraction > 0:
+        raise ModelError(f"sigma_fraction must be > 0, got {sigma_fraction}")
