@@ -52,6 +52,8 @@ def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise InputError(f"input folder {input_dir} does not exist: pass --input DIR holding images/ct and images/pet")
+    if not any(input_dir.iterdir()):
+        raise InputError(f"input folder {input_dir} is empty: expected images/ct/<file>.mha and images/pet/<file>.mha")
     images = input_dir / "images"
     return find_single_image(images / "ct", "ct"), find_single_image(images / "pet", "pet")
 

@@ -138,7 +138,7 @@ def corrupt_onnx(case, weights):
 
 
 BAD_INPUTS = {
-    empty_input: "no CT image",
+    empty_input: "is empty",
     ct_missing: "no CT image",
     pet_missing: "no PET image",
     two_cts: "2 CT images",
