@@ -4,6 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo bench clean
+DEMO := demo-out
 
 venv: $(STAMP)
 
@@ -15,6 +16,17 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/hnseg phantom --seed 1 --fov whole-body --out $(DEMO)/case
+	$(BIN)/python process.py --input $(DEMO)/case/input --output $(DEMO)/output --weights weights/suv-threshold --report $(DEMO)/report.json --device cpu
+	@echo
+	@echo "mask:      $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha"
+	@echo "report:    $(DEMO)/report.json"
+	@echo "reference: $(DEMO)/case/reference/"
+	@echo "weights/suv-threshold is a non-learned SUV > 2.5 baseline standing in for trained demo weights;"
+	@echo "it outlines every hot region (brain included) as GTVp. QC pictures are not implemented yet."
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_roi_sampling.py

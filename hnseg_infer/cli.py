@@ -143,7 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--input", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
 
+    ph = sub.add_parser("phantom", help="write a synthetic PET/CT case in the grand-challenge layout")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--fov", choices=("head-only", "head-neck", "whole-body", "no-head"), default="head-neck")
+    ph.add_argument("--pet-unit", choices=("suv", "bqml"), default="suv")
+    ph.add_argument("--out", type=Path, required=True)
+
     args = parser.parse_args(argv)
+    if args.command == "phantom":
+        from .phantom import make_phantom, write_case
+
+        write_case(make_phantom(seed=args.seed, fov=args.fov, pet_unit=args.pet_unit), args.out)
+        print(f"hnseg phantom: wrote {args.out}/input/images/{{ct,pet}} and {args.out}/reference")
+        return 0
     args.weights = args.weights or default_weights()
     if args.command == "predict":
         return run_one(ct=args.ct, pet=args.pet, out=args.out, weights=args.weights, report_path=args.report,

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import RecipeError
 from .intensity import SOURCES, validate_ops
 from .postprocess import PostprocessConfig
+from .roi import check_params
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -241,7 +242,11 @@ def load_recipe(weights_dir: Path) -> Recipe:
     name = r.take("name", kind=str)
     r.take("description", default="", kind=str)
     roi_reader = _Reader(r.take("roi"), f"{where} roi")
-    roi = RoiSpec(roi_reader.take("method", kind=str), roi_reader.take("params", default={}, kind=dict))
+    method = roi_reader.take("method", kind=str)
+    try:
+        roi = RoiSpec(method, check_params(method, roi_reader.take("params", default={}, kind=dict)))
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
     roi_reader.done(("method", "params"))
     model_objs = r.take("models", kind=list)
     if not model_objs:

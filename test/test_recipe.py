@@ -39,6 +39,8 @@ def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     (lambda r: r["models"][0].update(files=["nope.onnx"]), "nope.onnx does not exist"),
     (lambda r: r.update(models=[]), "'models' is empty"),
     (lambda r: r["roi"].update(size=3), "unknown key(s) ['size']"),
+    (lambda r: r["roi"].update(method="atlas"), "unknown ROI method 'atlas'"),
+    (lambda r: r["roi"].update(method="fixed_box", params={"size": [1, 2, 3]}), "unknown key(s) ['size']"),
     (lambda r: r.update(postprocess={"min_volume": 3}), "min_volume"),
 ])
 def test_invalid_recipes_name_the_key(tmp_path, mutate, message):
