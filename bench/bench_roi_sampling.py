@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ ROI = ("pet_threshold_head_neck_box", {})
 
 def write_case(folder: Path) -> tuple[Path, Path]:
     phantom = make_phantom(seed=7, fov="whole-body", ct_spacing_xyz_mm=(0.98, 0.98, 2.0), ct_size_xy=512,
-                           pet_spacing_xyz_mm=(4.0, 4.0, 4.0))
+                           pet_spacing_xyz_mm=(4.0, 4.0, 4.0), pet_size_xyz=(200, 200, 330))
     ct_path, pet_path = folder / "ct.mha", folder / "pet.mha"
     sitk.WriteImage(sitk.Cast(phantom.ct, sitk.sitkInt16), str(ct_path), useCompression=False)
     sitk.WriteImage(phantom.pet, str(pet_path), useCompression=False)
@@ -70,11 +69,19 @@ def route_naive(ct_path: Path, pet_path: Path) -> np.ndarray:
                      sample(crops[1], grid, interpolation="linear", fill_value=FILL_VALUE["pet"])])
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident memory (VmHWM; ru_maxrss would include the parent's from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
 def _child(route_name, ct_path, pet_path, queue):
     start = time.perf_counter()
     out = ROUTES[route_name](ct_path, pet_path)
     elapsed = time.perf_counter() - start
-    queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, out.shape,
+    queue.put((elapsed, peak_rss_mib(), out.shape,
                float(out[1].sum()), out))
 
 

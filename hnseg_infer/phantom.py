@@ -115,7 +115,9 @@ def _evaluate(shapes, grid: Grid, *, background_hu: float = -1000.0, max_points:
 
 def make_phantom(*, seed: int, fov: str = "head-neck", ct_spacing_xyz_mm=(0.98, 0.98, 2.0), ct_size_xy: int = 512,
                  pet_spacing_xyz_mm=(4.0, 4.0, 4.0), ct_direction=IDENTITY, ct_origin_shift_mm=(0.0, 0.0, 0.0),
-                 pet_unit: str = "suv") -> Phantom:
+                 pet_unit: str = "suv", pet_size_xyz=None) -> Phantom:
+    """A phantom for one field of view. The PET covers a wider field than the CT in-plane (1.2×), starts 20 mm
+    lower and ends 30 mm higher, unless `pet_size_xyz` fixes its voxel counts (centred in-plane, same bottom)."""
     if fov not in FOV_Z_RANGE_MM:
         raise ValueError(f"fov must be one of {list(FOV_Z_RANGE_MM)}, got {fov!r}")
     rng = np.random.default_rng(seed)
@@ -127,7 +129,9 @@ def make_phantom(*, seed: int, fov: str = "head-neck", ct_spacing_xyz_mm=(0.98, 
     hu, _, label = _evaluate(shapes, ct_grid)
     hu += rng.normal(0, 10, hu.shape).astype(np.float32)
     # the PET sees a wider field in-plane, starts 20 mm lower and ends 30 mm higher, on its own lattice
-    pet_box = Box((-fov_xy * 0.6, -fov_xy * 0.6, z_lo - 20.0), (fov_xy * 1.2, fov_xy * 1.2, z_hi - z_lo + 50.0))
+    pet_extent = ((fov_xy * 1.2, fov_xy * 1.2, z_hi - z_lo + 50.0) if pet_size_xyz is None
+                  else tuple(np.multiply(pet_size_xyz, pet_spacing_xyz_mm)))
+    pet_box = Box((-pet_extent[0] / 2, -pet_extent[1] / 2, z_lo - 20.0), pet_extent)
     pet_grid = Grid.covering(pet_box, pet_spacing_xyz_mm)
     _, suv, _ = _evaluate(shapes, pet_grid)
     sigma_vox = [PET_FWHM_MM / 2.355 / s for s in pet_spacing_xyz_mm[::-1]]
