@@ -1,11 +1,13 @@
 """End to end in-process: a lesion placed in physical space comes back on the CT grid where it belongs,
 whatever the CT's direction, origin and spacing, and whatever grid the model runs on."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from builders import model_entry, oblique_direction, signed_permutations, write_weights
+from builders import model_entry, oblique_direction, save_linear_model, signed_permutations, write_weights
 from conftest import LESION_CENTER_XYZ_MM, small_case
 from hnseg_infer.grid import Grid
 from hnseg_infer.io import Case, detect_pet_unit
@@ -14,8 +16,7 @@ from hnseg_infer.recipe import load_recipe
 
 
 def make_case(ct, pet) -> Case:
-    return Case(ct, pet, ct_path=__import__("pathlib").Path("ct.mha"), pet_path=__import__("pathlib").Path("pet.mha"),
-                pet_unit=detect_pet_unit(pet))
+    return Case(ct, pet, ct_path=Path("ct.mha"), pet_path=Path("pet.mha"), pet_unit=detect_pet_unit(pet))
 
 
 def label_centroid_index_xyz(mask: sitk.Image, label: int) -> np.ndarray:
@@ -57,3 +58,26 @@ def test_report_records_stages_grids_and_labels(recipes):
     assert report["models"][0]["grid"]["spacing_xyz_mm"] == [2.0, 2.0, 2.0]
     assert {"load_models", "locate_roi", "pet_threshold: sliding_window", "decode_and_postprocess"} <= set(report["stages_s"])
     assert report["labels"]["GTVp"]["components"] == 1 and report["labels"]["GTVn"]["voxels"] == 0
+
+
+def test_heterogeneous_ensemble_softmax_and_sigmoid_models(tmp_path):
+    """Two models with their own spacing, orientation, patch and head, combined on the CT voxels of the ROI."""
+    softmax = model_entry(name="softmax_2mm", files=["a.onnx"], fold_average="logits")
+    sigmoid = model_entry(name="sigmoid_regions", files=["b_fold0.onnx", "b_fold1.onnx"], orientation="ct",
+                          spacing_xyz_mm=[1.5, 2.0, 3.0], patch_size_zyx=[8, 24, 20], mirror_axes_zyx=[0, 2],
+                          head={"type": "sigmoid", "regions": [[1, 2], [2]], "region_labels": [1, 2]})
+    folder = write_weights(tmp_path, models=[softmax])
+    # region {1,2}: SUV > 5; region {2}: never. Same linear form, two outputs.
+    for name in ("b_fold0.onnx", "b_fold1.onnx"):
+        save_linear_model(folder / name, [[0, 2.0], [0, 0]], [-10.0, -10.0])
+    folder = write_weights(tmp_path, models=[softmax, sigmoid])
+    recipe = load_recipe(folder)
+    ct, pet = small_case(ct_direction=signed_permutations()[21])
+    prediction = predict_case(make_case(ct, pet), recipe, device="cpu")
+    report = prediction.report.data
+    assert [m["name"] for m in report["models"]] == ["softmax_2mm", "sigmoid_regions"]
+    assert report["models"][1]["grid"]["spacing_xyz_mm"] == [1.5, 2.0, 3.0]
+    assert report["models"][1]["grid"]["direction"] == list(ct.GetDirection())
+    expected_index = Grid.of(ct).physical_to_index(LESION_CENTER_XYZ_MM)[0]
+    assert np.all(np.abs(label_centroid_index_xyz(prediction.mask, 1) - expected_index) < 1.0)
+    assert set(np.unique(sitk.GetArrayFromImage(prediction.mask))) == {0, 1}
