@@ -38,11 +38,12 @@ class OutputSpace:
         if head.type == "sigmoid":
             return list(probabilities_kzyx)
         by_label = dict(zip(head.labels, probabilities_kzyx))
+        zero = np.zeros(probabilities_kzyx.shape[1:], np.float32)
         if self.kind == "labels":
-            zero = np.zeros(probabilities_kzyx.shape[1:], np.float32)
             return [by_label.get(label, zero) for label in LABELS]
-        # softmax → region probability: the sum of the probabilities of the labels the region covers
-        return [sum(by_label[label] for label in region if label in by_label) for region in self.regions]
+        # softmax → region probability: the sum of the probabilities of the labels the region covers (an array even
+        # when the softmax model predicts none of them)
+        return [sum((by_label[label] for label in region if label in by_label), zero) for region in self.regions]
 
     def fill_values(self) -> list[float]:
         """Probabilities outside a model's grid: certain background."""
