@@ -19,3 +19,7 @@ class ModelError(HnsegError):
 
 class OutputError(HnsegError):
     """The output failed its final validation or could not be written."""
+
+
+class ExportError(HnsegError):
+    """A trained model could not be exported, or its export failed the proof of equivalence."""

@@ -64,12 +64,15 @@ def load_folds(spec: ModelSpec, *, device: str) -> list[OnnxModel]:
 
 def predict_probabilities(spec: ModelSpec, folds: list[OnnxModel], image_czyx: np.ndarray) -> np.ndarray:
     """float32 [K, z, y, x] probabilities on the model grid, folds averaged as logits or as probabilities."""
+    forward = (0, *(a + 1 for a in spec.transpose_forward))
+    backward = tuple(int(a) for a in np.argsort(forward))
+    image = image_czyx.transpose(forward)  # into the network's axis order, and back after the window
     total = None
     for fold in folds:
-        logits = predict_sliding_window(fold, image_czyx, patch_zyx=spec.patch_size_zyx,
+        logits = predict_sliding_window(fold, image, patch_zyx=spec.patch_size_zyx,
                                         n_outputs=spec.head.n_outputs, step_fraction=spec.step_fraction,
                                         tile_batch=spec.tile_batch, mirror_axes_zyx=spec.mirror_axes_zyx,
-                                        gaussian=spec.gaussian)
+                                        gaussian=spec.gaussian).transpose(backward)
         term = logits if spec.fold_average == "logits" else activate(logits, spec.head)
         if total is None:
             total = term

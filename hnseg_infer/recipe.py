@@ -63,6 +63,11 @@ class ModelSpec:
     tile_batch: int
     gaussian: bool
     weight: float
+    # The grid axes (0 z, 1 y, 2 x) in the order the network takes them, as nnU-Net's plans `transpose_forward`:
+    # the input is array.transpose(0, *[a + 1 for a in transpose_forward]). patch_size_zyx and mirror_axes_zyx
+    # count in the network's order.
+    transpose_forward: tuple[int, int, int] = (0, 1, 2)
+    provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ def _head(obj, where) -> HeadSpec:
 
 def _model(obj, where, folder: Path) -> ModelSpec:
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
-            "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight")
+            "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -200,9 +205,13 @@ def _model(obj, where, folder: Path) -> ModelSpec:
     weight = float(r.take("weight", default=1.0, kind=(int, float)))
     if weight <= 0:
         raise RecipeError(f"{where}: weight must be > 0, got {weight}")
+    transpose = tuple(r.take("transpose_forward", default=[0, 1, 2], kind=list))
+    if sorted(transpose) != [0, 1, 2]:
+        raise RecipeError(f"{where}: transpose_forward must be a permutation of [0, 1, 2], got {list(transpose)}")
+    provenance = r.take("provenance", default={}, kind=dict)
     r.done(keys)
     return ModelSpec(name, files, tuple(_sha256(f) for f in files), spacing, orientation, patch, channels, head,
-                     fold_average, step, mirror, tile_batch, gaussian, weight)
+                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance)
 
 
 def _check_heads_combine(models: tuple[ModelSpec, ...], where: str) -> None:
