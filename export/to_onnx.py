@@ -11,6 +11,7 @@ its proof (PyTorch vs onnxruntime); on any error exit 2 with one line naming the
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from hnseg_infer.errors import HnsegError
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
         modules[route] = importlib.import_module(module_name)
         sub = routes.add_parser(route, help=modules[route].__doc__.splitlines()[0])
         modules[route].add_arguments(sub)
+        sub.add_argument("--out", type=Path, required=True, help="the weights folder to write")
         sub.add_argument("--fp16", action="store_true",
                          help="store fp16 weights (normalisation in fp32); agreement with fp32 is measured")
         sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
