@@ -21,8 +21,7 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # fp16 keeps these in fp32: normalisation statistics over a whole tile overflow or lose precision in fp16.
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization",
-            "ReduceMean", "ReduceSumSquare", "Pow", "Sqrt", "Softmax", "Sigmoid", "Exp",
-            "Identity"]  # Identity: the exporter aliases shared norm parameters through it
+            "ReduceMean", "ReduceSumSquare", "Pow", "Sqrt", "Softmax", "Sigmoid", "Exp"]
 # A proof passes when the largest logit difference is within TOLERANCE × max(1, largest |logit|) and the
 # predicted class (argmax, or each region's sign) agrees on at least MIN_AGREEMENT of the voxels.
 TOLERANCE_FP32, MIN_AGREEMENT_FP32 = 1e-3, 0.999
@@ -111,7 +110,7 @@ def convert_fp16(fp32_path: Path, fp16_path: Path, *, n_channels: int, patch_zyx
     """fp16 weights and activations with float32 inputs/outputs and normalisation layers; measured against fp32."""
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True,
+    model = float16.convert_float_to_float16(_unaliased(onnx.load(str(fp32_path))), keep_io_types=True,
                                              op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP32_OPS)
     onnx.save(model, str(fp16_path))
     x = proof_input(n_channels, patch_zyx, seed=1)
@@ -122,6 +121,20 @@ def convert_fp16(fp32_path: Path, fp16_path: Path, *, n_channels: int, patch_zyx
         raise ExportError(f"{fp16_path.name}: fp16 disagrees with fp32 (max |Δlogit| {result['max_abs_logit_diff']:.3g}, "
                           f"agreement {result['agreement']:.4f}, needed {MIN_AGREEMENT_FP16}): export without --fp16")
     return result
+
+
+def _unaliased(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Identity over an initializer replaced by a copy of it. The exporter shares equal parameters (a zero
+    conv bias and a zero norm bias) through Identity; fp16 conversion must be free to give them different types."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    aliases = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        model.graph.initializer.append(copy)
+        model.graph.node.remove(node)
+    return model
 
 
 def stamp(onnx_path: Path, provenance: dict) -> None:
