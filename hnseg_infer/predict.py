@@ -15,9 +15,13 @@ from .recipe import HeadSpec, ModelSpec
 from .sliding_window import predict_sliding_window
 
 
+RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # grid axes towards Right, Anterior, Superior (in LPS terms)
+
+
 def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
-    """The model's voxel grid: the ROI box at the model's spacing, along LPS axes or along the CT's own axes."""
-    frame = IDENTITY if spec.orientation == "lps" else ct_grid.direction
+    """The model's voxel grid: the ROI box at the model's spacing, along LPS axes, along RAS axes (MONAI's
+    Orientationd(axcodes="RAS")) or along the CT's own axes."""
+    frame = {"lps": IDENTITY, "ras": RAS, "ct": ct_grid.direction}[spec.orientation]
     return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm)
 
 
@@ -72,7 +76,8 @@ def predict_probabilities(spec: ModelSpec, folds: list[OnnxModel], image_czyx: n
         logits = predict_sliding_window(fold, image, patch_zyx=spec.patch_size_zyx,
                                         n_outputs=spec.head.n_outputs, step_fraction=spec.step_fraction,
                                         tile_batch=spec.tile_batch, mirror_axes_zyx=spec.mirror_axes_zyx,
-                                        gaussian=spec.gaussian).transpose(backward)
+                                        gaussian=spec.gaussian, tiling=spec.tiling,
+                                        overlap=spec.overlap or 0.0).transpose(backward)
         term = logits if spec.fold_average == "logits" else activate(logits, spec.head)
         if total is None:
             total = term

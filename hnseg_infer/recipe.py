@@ -19,9 +19,12 @@ from .roi import check_params
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
-ORIENTATIONS = ("lps", "ct")  # model grid axes: patient LPS axes, or the CT's own axes (as nnU-Net/MONAI see arrays)
+# Model grid axes: patient LPS axes; the CT's own axes (as nnU-Net, or MONAI without Orientationd, sees arrays); or
+# RAS axes, i.e. LPS with x and y flipped (as MONAI's Orientationd(axcodes="RAS") lays arrays out).
+ORIENTATIONS = ("lps", "ct", "ras")
 INTERPOLATIONS = ("linear", "bspline")
 FOLD_AVERAGES = ("probabilities", "logits")
+TILINGS = ("nnunet", "monai")  # the sliding window's tile placement and Gaussian: nnU-Net's or MONAI's
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class ModelSpec:
     # count in the network's order.
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
     provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
+    # "nnunet" tiles by step_fraction; "monai" by `overlap` (MONAI's sliding_window_inference parameter), which
+    # only it takes.
+    tiling: str = "nnunet"
+    overlap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,8 @@ def _head(obj, where) -> HeadSpec:
 
 def _model(obj, where, folder: Path) -> ModelSpec:
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
-            "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance")
+            "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
+            "tiling", "overlap")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -192,9 +200,7 @@ def _model(obj, where, folder: Path) -> ModelSpec:
     fold_average = r.take("fold_average", default="probabilities", kind=str)
     if fold_average not in FOLD_AVERAGES:
         raise RecipeError(f"{where}: fold_average must be one of {FOLD_AVERAGES}, got {fold_average!r}")
-    step = float(r.take("step_fraction", default=0.5, kind=(int, float)))
-    if not 0 < step <= 1:
-        raise RecipeError(f"{where}: step_fraction must be in (0, 1], got {step}")
+    tiling, overlap, step = _tiling(r, where)
     mirror = tuple(r.take("mirror_axes_zyx", default=[], kind=list))
     if not set(mirror) <= {0, 1, 2} or len(set(mirror)) != len(mirror):
         raise RecipeError(f"{where}: mirror_axes_zyx must be distinct axes of 0, 1, 2, got {list(mirror)}")
@@ -211,7 +217,29 @@ def _model(obj, where, folder: Path) -> ModelSpec:
     provenance = r.take("provenance", default={}, kind=dict)
     r.done(keys)
     return ModelSpec(name, files, tuple(_sha256(f) for f in files), spacing, orientation, patch, channels, head,
-                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance)
+                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap)
+
+
+def _tiling(r: _Reader, where: str) -> tuple[str, float | None, float]:
+    """(tiling, overlap, step_fraction): nnU-Net tiling takes step_fraction (default 0.5), MONAI tiling takes
+    overlap (required: MONAI models are trained and validated with their own); each refuses the other's key."""
+    tiling = r.take("tiling", default="nnunet", kind=str)
+    if tiling not in TILINGS:
+        raise RecipeError(f"{where}: tiling must be one of {TILINGS}, got {tiling!r}")
+    if tiling == "monai":
+        if "step_fraction" in r.obj:
+            raise RecipeError(f"{where}: 'step_fraction' is nnU-Net tiling's; tiling 'monai' places tiles by "
+                              f"'overlap': remove 'step_fraction'")
+        overlap = r.take("overlap", kind=(int, float))
+        if not 0 <= overlap < 1:
+            raise RecipeError(f"{where}: overlap must be in [0, 1), got {overlap}")
+        return tiling, float(overlap), 1.0 - float(overlap)
+    if "overlap" in r.obj:
+        raise RecipeError(f"{where}: 'overlap' is MONAI tiling's; set \"tiling\": \"monai\" or use 'step_fraction'")
+    step = float(r.take("step_fraction", default=0.5, kind=(int, float)))
+    if not 0 < step <= 1:
+        raise RecipeError(f"{where}: step_fraction must be in (0, 1], got {step}")
+    return tiling, None, step
 
 
 def _check_heads_combine(models: tuple[ModelSpec, ...], where: str) -> None:

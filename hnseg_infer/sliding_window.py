@@ -1,10 +1,14 @@
-"""Sliding-window inference over a [C, z, y, x] volume, as nnU-Net v2's predictor does it.
+"""Sliding-window inference over a [C, z, y, x] volume, as nnU-Net v2's predictor or MONAI's
+sliding_window_inference does it (the recipe's `tiling`).
 
 The network is any callable `float32[N, C, z, y, x] -> float32[N, K, z, y, x]` (logits); this module does not know
-which backend runs it. Tile positions, the Gaussian importance map, padding of small images and mirroring TTA
-follow nnunetv2/inference (compute_steps_for_sliding_window, compute_gaussian, pad_nd_image,
-_internal_maybe_mirror_and_predict) so that predictions match nnUNetPredictor. One deliberate difference: the
-accumulators are float32 where nnU-Net uses float16 on the GPU (more exact; the volumes here fit in host memory).
+which backend runs it. With tiling "nnunet", tile positions, the Gaussian importance map, padding of small images
+and mirroring TTA follow nnunetv2/inference (compute_steps_for_sliding_window, compute_gaussian, pad_nd_image,
+_internal_maybe_mirror_and_predict) so that predictions match nnUNetPredictor. With tiling "monai", tile positions
+and the importance map follow monai.inferers.sliding_window_inference (_get_scan_interval, dense_patch_slices,
+compute_importance_map); its padding of small images is nnU-Net's (diff//2 below, the rest above), and the
+weighted average is the same. One deliberate difference: the accumulators are float32 where nnU-Net uses float16
+on the GPU (more exact; the volumes here fit in host memory).
 
 Memory: one float32 [K, z, y, x] accumulator, one [z, y, x] weight map and the (padded) input; everything else is
 tile-sized.
@@ -24,29 +28,37 @@ from .errors import ModelError
 RunBatch = Callable[[np.ndarray], np.ndarray]
 
 GAUSSIAN_PEAK = 10.0  # nnU-Net's value_scaling_factor: keeps the tails of the map far from float underflow
+MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map clamps its (peak 1) map to at least this
+TILINGS = ("nnunet", "monai")
 
 
 def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch_zyx: Sequence[int],
                            n_outputs: int, step_fraction: float = 0.5, tile_batch: int = 1,
                            mirror_axes_zyx: Sequence[int] = (), sigma_fraction: float = 1 / 8,
-                           gaussian: bool = True) -> np.ndarray:
+                           gaussian: bool = True, tiling: str = "nnunet", overlap: float = 0.25) -> np.ndarray:
     """float32 [K, z, y, x] logits: tiles weighted by a Gaussian (or uniformly) and averaged where they overlap.
 
-    An axis shorter than the patch is zero-padded symmetrically to the patch and cropped back afterwards.
-    With `mirror_axes_zyx`, each tile is predicted 2**len(axes) times (every combination of flips) and the
-    logits averaged. Tiles go to `run_batch` `tile_batch` at a time.
+    `tiling` "nnunet" places tiles by `step_fraction`, "monai" by `overlap` (MONAI's parameter), each with its own
+    Gaussian (sigma = patch * sigma_fraction). An axis shorter than the patch is zero-padded symmetrically to the
+    patch and cropped back afterwards. With `mirror_axes_zyx`, each tile is predicted 2**len(axes) times (every
+    combination of flips) and the logits averaged. Tiles go to `run_batch` `tile_batch` at a time.
     """
     patch = _check_patch(patch_zyx)
     _check_arguments(image_czyx, n_outputs=n_outputs, step_fraction=step_fraction, tile_batch=tile_batch,
-                     mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction)
+                     mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction, tiling=tiling, overlap=overlap)
     image, crop = _pad_to_patch(np.asarray(image_czyx, dtype=np.float32), patch)
     size = image.shape[1:]
-    tile_weights = gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
+    if tiling == "nnunet":
+        starts = tile_starts_zyx(size, patch, step_fraction)
+        tile_weights = gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
+    else:
+        starts = monai_tile_starts_zyx(size, patch, overlap)
+        tile_weights = monai_gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
 
     logits = np.zeros((n_outputs, *size), np.float32)
     weights = np.zeros(size, np.float32)
-    # nnU-Net's order: z outermost, x innermost (it matters only for float rounding).
-    corners = list(product(*tile_starts_zyx(size, patch, step_fraction)))
+    # nnU-Net's and MONAI's order: z outermost, x innermost (it matters only for float rounding).
+    corners = list(product(*starts))
     for first in range(0, len(corners), tile_batch):
         boxes = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in corners[first:first + tile_batch]]
         batch = np.stack([image[(slice(None), *box)] for box in boxes])
@@ -75,6 +87,46 @@ def tile_starts_zyx(image_size_zyx: Sequence[int], patch_zyx: Sequence[int], ste
         # np.round (half to even) as nnU-Net, so that 10.5 -> 10 exactly as there.
         starts.append([int(np.round(spacing * i)) for i in range(n_steps)])
     return starts
+
+
+def monai_tile_starts_zyx(image_size_zyx: Sequence[int], patch_zyx: Sequence[int],
+                          overlap: float) -> list[list[int]]:
+    """Tile start indices per axis, as MONAI's sliding_window_inference (_get_scan_interval, dense_patch_slices).
+
+    The scan interval is int(patch * (1 - overlap)) (at least 1; the patch itself where it equals the size); tiles
+    start at multiples of it until one reaches the end, and the last is moved back to end exactly at the border.
+    An axis shorter than the patch is padded to it first, so it gets the single start 0.
+    """
+    patch = _check_patch(patch_zyx)
+    if not 0 <= overlap < 1:
+        raise ModelError(f"overlap must be in [0, 1), got {overlap}")
+    starts = []
+    for size, tile in zip((max(int(s), p) for s, p in zip(image_size_zyx, patch)), patch):
+        interval = tile if tile == size else max(int(tile * (1 - overlap)), 1)
+        n_tiles = next(d for d in range(size) if d * interval + tile >= size) + 1
+        starts.append([min(i * interval, size - tile) for i in range(n_tiles)])
+    return starts
+
+
+def monai_gaussian_importance(patch_zyx: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
+    """float32 weights over a tile, as MONAI's compute_importance_map(mode="gaussian", sigma_scale=sigma_fraction):
+    a separable Gaussian centred at (size - 1) / 2, peak 1, clamped below at 1e-3, computed in float32 in the same
+    order as there. Read-only: it is cached."""
+    if not sigma_fraction > 0:
+        raise ModelError(f"sigma_fraction must be > 0, got {sigma_fraction}")
+    return _monai_gaussian_cached(_check_patch(patch_zyx), float(sigma_fraction))
+
+
+@lru_cache(maxsize=8)
+def _monai_gaussian_cached(patch: tuple[int, int, int], sigma_fraction: float) -> np.ndarray:
+    weights = None
+    for size in patch:
+        x = np.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=np.float32)
+        profile = np.exp(x**2 / np.float32(-2 * (size * sigma_fraction) ** 2))
+        weights = profile if weights is None else weights[..., None] * profile
+    weights = np.maximum(weights, max(float(weights.min()), MONAI_MIN_WEIGHT)).astype(np.float32)
+    weights.flags.writeable = False
+    return weights
 
 
 def gaussian_importance(patch_zyx: Sequence[int], sigma_fraction: float = 1 / 8) -> np.ndarray:
@@ -143,7 +195,7 @@ def _check_patch(patch_zyx: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _check_arguments(image_czyx: np.ndarray, *, n_outputs: int, step_fraction: float, tile_batch: int,
-                     mirror_axes_zyx: Sequence[int], sigma_fraction: float) -> None:
+                     mirror_axes_zyx: Sequence[int], sigma_fraction: float, tiling: str, overlap: float) -> None:
     shape = np.shape(image_czyx)
     if len(shape) != 4 or 0 in shape:
         raise ModelError(f"the sliding window takes a non-empty [C, z, y, x] image, got shape {shape}")
@@ -158,3 +210,7 @@ def _check_arguments(image_czyx: np.ndarray, *, n_outputs: int, step_fraction: f
         raise ModelError(f"mirror_axes_zyx must be distinct axes among 0 (z), 1 (y), 2 (x), got {axes}")
     if not sigma_fraction > 0:
         raise ModelError(f"sigma_fraction must be > 0, got {sigma_fraction}")
+    if tiling not in TILINGS:
+        raise ModelError(f"tiling must be one of {TILINGS}, got {tiling!r}")
+    if not 0 <= overlap < 1:
+        raise ModelError(f"overlap must be in [0, 1), got {overlap}")

@@ -14,6 +14,11 @@ def edit(folder, fn):
     return folder
 
 
+def monai_tiling(model: dict, **overlap) -> None:
+    model.pop("step_fraction")
+    model.update(tiling="monai", **overlap)
+
+
 def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     recipe = load_recipe(write_weights(tmp_path))
     (model,) = recipe.models
@@ -23,6 +28,15 @@ def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     assert len(model.sha256[0]) == 64 and len(recipe.sha256) == 64
 
 
+def test_monai_tiling_and_ras_orientation_load(tmp_path):
+    folder = edit(write_weights(tmp_path), lambda r: (monai_tiling(r["models"][0], overlap=0.625),
+                                                      r["models"][0].update(orientation="ras")))
+    (model,) = load_recipe(folder).models
+    assert (model.tiling, model.overlap, model.orientation) == ("monai", 0.625, "ras")
+    (default,) = load_recipe(write_weights(tmp_path / "default")).models
+    assert (default.tiling, default.overlap, default.step_fraction) == ("nnunet", None, 0.5)
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda r: r.update(extra_key=1), "unknown key(s) ['extra_key']"),
     (lambda r: r.update(schema_version=7), "schema_version 7 is not supported"),
@@ -30,7 +44,7 @@ def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     (lambda r: r["models"][0].update(step_fraction=0), "step_fraction must be in (0, 1]"),
     (lambda r: r["models"][0].update(mirror_axes_zyx=[0, 3]), "mirror_axes_zyx"),
     (lambda r: r["models"][0].update(spacing_xyz_mm=[1, 1]), "'spacing_xyz_mm' must be a list of 3 numbers"),
-    (lambda r: r["models"][0].update(orientation="ras"), "orientation must be one of"),
+    (lambda r: r["models"][0].update(orientation="xyz"), "orientation must be one of"),
     (lambda r: r["models"][0]["channels"][0].update(source="mri"), "source must be one of"),
     (lambda r: r["models"][0]["channels"][0].update(interp="linear"), "unknown key(s) ['interp']"),
     (lambda r: r["models"][0].update(head={"type": "softmax", "labels": [1, 2]}), "including 0"),
@@ -42,6 +56,11 @@ def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     (lambda r: r["roi"].update(method="atlas"), "unknown ROI method 'atlas'"),
     (lambda r: r["roi"].update(method="fixed_box", params={"size": [1, 2, 3]}), "unknown key(s) ['size']"),
     (lambda r: r.update(postprocess={"min_volume": 3}), "min_volume"),
+    (lambda r: r["models"][0].update(tiling="torchio"), "tiling must be one of"),
+    (lambda r: r["models"][0].update(tiling="monai", overlap=0.5), "'step_fraction' is nnU-Net tiling's"),
+    (lambda r: monai_tiling(r["models"][0]), "missing required key 'overlap'"),
+    (lambda r: monai_tiling(r["models"][0], overlap=1.0), "overlap must be in [0, 1)"),
+    (lambda r: r["models"][0].update(overlap=0.5), "'overlap' is MONAI tiling's"),
 ])
 def test_invalid_recipes_name_the_key(tmp_path, mutate, message):
     folder = edit(write_weights(tmp_path), mutate)

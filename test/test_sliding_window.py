@@ -12,7 +12,8 @@ from onnx_models import save_conv_model, save_voxelwise_model, voxelwise_referen
 
 from hnseg_infer.engine import OnnxModel
 from hnseg_infer.errors import ModelError
-from hnseg_infer.sliding_window import gaussian_importance, predict_sliding_window, tile_starts_zyx
+from hnseg_infer.sliding_window import (gaussian_importance, monai_gaussian_importance, monai_tile_starts_zyx,
+                                        predict_sliding_window, tile_starts_zyx)
 
 SHAPE_ZYX = (37, 45, 29)  # odd sizes, none a multiple of the patches below
 N_OUT = 3
@@ -113,6 +114,50 @@ def test_gaussian_is_nnunet_compute_gaussian(patch, sigma_fraction):
         assert (raw == 0).sum() > raw.size // 2
 
 
+@pytest.mark.parametrize("patch, overlap", [((16, 20, 12), 0.625), (SHAPE_ZYX, 0.25), ((40, 16, 32), 0.5),
+                                            ((8, 50, 10), 0.0), ((16, 20, 12), 0.75)])
+@pytest.mark.parametrize("gaussian, mirror, tile_batch", [(True, (), 1), (False, (0, 2), 3)])
+def test_monai_tiling_stitches_exactly(voxelwise, image, whole, patch, overlap, gaussian, mirror, tile_batch):
+    out = predict_sliding_window(voxelwise, image, patch_zyx=patch, n_outputs=N_OUT, tiling="monai",
+                                 overlap=overlap, gaussian=gaussian, mirror_axes_zyx=mirror, tile_batch=tile_batch)
+    assert out.shape == (N_OUT, *SHAPE_ZYX)
+    np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-5)  # float32 sums over up to 4×4×4 overlapping tiles
+
+
+@pytest.mark.parametrize("size, patch, overlap, expected", [
+    (37, 16, 0.625, [0, 6, 12, 18, 21]),   # interval int(16·0.375) = 6; the last tile moved back to end at 37
+    (45, 20, 0.25, [0, 15, 25]),
+    (29, 12, 0.0, [0, 12, 17]),
+    (17, 10, 0.7, [0, 3, 6, 7]),           # 10·(1 − 0.7) = 3.0000000000000004 in floating point → 3
+    (12, 10, 0.99, [0, 1, 2]),             # int(0.1) = 0 → interval 1
+    (64, 64, 0.5, [0]),                    # image == patch: one tile
+    (20, 32, 0.5, [0]),                    # image < patch: padded, one tile
+])
+def test_monai_tile_starts(size, patch, overlap, expected):
+    assert monai_tile_starts_zyx((size, 64, 64), (patch, 64, 64), overlap) == [expected, [0], [0]]
+
+
+def test_monai_tiles_differ_from_nnunet_tiles():
+    # the same patch and "half overlap" place tiles differently: MONAI steps by a fixed interval, nnU-Net spreads
+    assert monai_tile_starts_zyx((110, 8, 8), (64, 8, 8), 0.5)[0] == [0, 32, 46]
+    assert tile_starts_zyx((110, 8, 8), (64, 8, 8), 0.5)[0] == [0, 23, 46]
+
+
+@pytest.mark.parametrize("patch", [(15, 21, 9), (8, 6, 4)])
+def test_monai_gaussian_is_a_centred_separable_gaussian_with_a_floor(patch):
+    g = monai_gaussian_importance(patch, 0.125)
+    assert g.dtype == np.float32 and g.shape == patch and not g.flags.writeable
+    axes = [np.arange(p) - (p - 1) / 2 for p in patch]  # centred between the middle voxels of an even axis
+    expected = np.ones(patch)
+    for a, (x, p) in enumerate(zip(axes, patch)):
+        expected = expected * np.exp(-x**2 / (2 * (p * 0.125) ** 2)).reshape([-1 if b == a else 1 for b in range(3)])
+    np.testing.assert_allclose(g, np.maximum(expected, 1e-3), rtol=1e-5)
+    for axis in range(3):
+        np.testing.assert_array_equal(g, np.flip(g, axis))
+    assert g.max() == pytest.approx(1.0 if all(p % 2 for p in patch) else g.max()) and g.min() >= 1e-3
+    assert g.min() == pytest.approx(1e-3)  # the corners of a sigma = size/8 Gaussian fall far below the floor
+
+
 def test_mirroring_is_the_mean_of_the_flipped_predictions(conv):
     tile = np.random.default_rng(1).standard_normal((2, 12, 10, 8)).astype(np.float32)
     for mirror in [(0, 1, 2), (1,), (0, 2)]:
@@ -211,6 +256,9 @@ def test_wrong_network_output_shape_is_a_model_error(returned, wrong):
     ({"mirror_axes_zyx": (3,)}, "mirror_axes_zyx"),
     ({"mirror_axes_zyx": (1, 1)}, "mirror_axes_zyx"),
     ({"sigma_fraction": 0}, "sigma_fraction"),
+    ({"tiling": "torchio"}, "tiling"),
+    ({"tiling": "monai", "overlap": 1.0}, "overlap"),
+    ({"tiling": "monai", "overlap": -0.1}, "overlap"),
 ])
 def test_invalid_arguments_are_model_errors(kwargs, message):
     args = {"image_czyx": np.zeros((1, 8, 8, 8), np.float32), "patch_zyx": (8, 8, 8), "n_outputs": 1, **kwargs}
