@@ -47,6 +47,13 @@ def _nnunet_ct(x, *, percentile_00_5, percentile_99_5, mean, std):
     return (np.clip(x, percentile_00_5, percentile_99_5) - mean) / max(std, 1e-8)
 
 
+def _min_over_std(x):
+    """(x − min) / std, the sample std (N − 1) as torch's x.std(): Auto3DSeg segresnet's "pet" normalize_mode
+    before its sigmoid (Project-MONAI/research-contributions auto3dseg/algorithm_templates/segresnet)."""
+    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    return (x - x.min()) / max(std, 1e-8)
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -70,6 +77,7 @@ OPS: dict[str, tuple[Callable, set[str], set[str]]] = {
     "minmax": (_minmax, {"to"}, set()),
     "zscore": (_zscore, {"over"}, set()),
     "nnunet_ct": (_nnunet_ct, {"percentile_00_5", "percentile_99_5", "mean", "std"}, set()),
+    "min_over_std": (_min_over_std, set(), set()),
     "sigmoid": (_sigmoid, set(), set()),
     "power": (_power, {"exponent"}, set()),
     "cbrt": (_cbrt, set(), set()),
