@@ -2,7 +2,8 @@
 # Not built in this repository's CI (no Docker engine there); process.py is tested with the same paths instead.
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
 
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive
+# PYTHONPATH: export/to_tensorrt.py imports hnseg_infer from /opt/app (process.py finds it beside itself).
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive PYTHONPATH=/opt/app
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-pip python-is-python3 \
  && rm -rf /var/lib/apt/lists/*
@@ -13,8 +14,19 @@ WORKDIR /opt/app
 COPY --chown=user:user requirements.txt /opt/app/
 RUN python3 -m pip install --no-cache-dir -r requirements.txt
 
+# TensorRT's libraries come from the tensorrt-cu12-libs wheel (requirements.txt); onnxruntime's TensorRT EP finds
+# libnvinfer.so.10 through the loader path. The build fails here, not at run time, if the wheel's layout changes.
+ENV TRT_LIBS=/usr/local/lib/python3.10/dist-packages/tensorrt_libs
+ENV LD_LIBRARY_PATH=${TRT_LIBS}:${LD_LIBRARY_PATH}
+RUN test -f "${TRT_LIBS}/libnvinfer.so.10" && test -f "${TRT_LIBS}/libnvonnxparser.so.10" \
+ || { echo "TensorRT libraries not found in ${TRT_LIBS}:"; ls "${TRT_LIBS}"; exit 1; }
+
 COPY --chown=user:user hnseg_infer /opt/app/hnseg_infer
 COPY --chown=user:user process.py /opt/app/
+# Engines for the GPU of the machine running the image (for grand-challenge: build them on a T4), e.g.
+#   docker run --gpus all --user $(id -u):$(id -g) --entrypoint python -v $PWD/weights:/w IMAGE \
+#       export/to_tensorrt.py /w/NAME
+COPY --chown=user:user export/to_tensorrt.py /opt/app/export/
 COPY --chown=user:user weights /opt/app/weights
 
 USER user

@@ -3,6 +3,9 @@
 Provider choice is explicit and recorded: "cuda" asks for TensorRT (fp16, engine cache), then CUDA, then CPU, and
 every provider asked for but not obtained becomes a human-readable line in `fallbacks` for the run report.
 onnxruntime's own silent fallback is turned off so that nothing changes without a line saying so.
+
+With "cuda", a prebuilt engine beside the model (export/to_tensorrt.py; see tensorrt.py) is used when its stamp
+matches this GPU, TensorRT version and ONNX file; otherwise the plain ONNX runs on CUDA, with a line saying why.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from onnxruntime.capi.onnxruntime_pybind11_state import NoSuchFile, RuntimeExcep
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from .errors import ModelError
+from .tensorrt import TENSORRT, plan_engine
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 TRT_CACHE = Path("/tmp/hnseg/trt-cache")  # /tmp is writable on grand-challenge; engines survive between models
 
@@ -53,20 +56,29 @@ class OnnxModel:
 
     Static input/output dimensions are exposed (None where dynamic) so that callers can check them against the
     recipe: `n_input_channels`, `n_outputs`, `fixed_batch`, `patch_zyx`. A model exported with a fixed batch size
-    is run in chunks of that size whatever batch it is given.
+    is run in chunks of that size whatever batch it is given; a prebuilt engine (`engine`) in chunks of at most its
+    profile's batch (`max_batch`). `sha256`: the model file's, when the caller has it (the recipe does).
     """
 
-    def __init__(self, path: Path, *, device: str = "auto", threads: int | None = None):
+    def __init__(self, path: Path, *, device: str = "auto", threads: int | None = None,
+                 sha256: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found: check the recipe's 'files' and the weights folder")
         if threads is not None and not (isinstance(threads, int) and threads > 0):
             raise ModelError(f"threads must be a positive integer or None, got {threads!r}")
         providers, self.fallbacks = plan_providers(device, ort.get_available_providers())
+        plan = plan_engine(self.path, providers, source_sha256=sha256)  # sha256: the recipe's, saves a re-read
+        self.fallbacks += plan.fallbacks
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        self._session = self._open_session(providers, options)
+        self.engine: Path | None = plan.engine  # the TensorRT engine's context model, when one is in use
+        self.max_batch: int | None = plan.stamp.profile_max[0] if plan.stamp else None  # the engine's profile
+        self._session = self._open_engine(options) if self.engine else None
+        if self._session is None:
+            self.max_batch = None
+            self._session = self._open_session(self.path, plan.providers, options)
         self.provider: str = self._session.get_providers()[0]
         self._read_signature()
 
@@ -75,27 +87,40 @@ class OnnxModel:
         batch = np.asarray(batch_nczyx)
         self._check_batch(batch.shape)
         batch = np.ascontiguousarray(batch, dtype=self._input_dtype)
-        chunk = self.fixed_batch or len(batch)
-        parts = [self._run_padded(batch[i:i + chunk], chunk) for i in range(0, len(batch), chunk)]
+        chunk = self.fixed_batch or self.max_batch or len(batch)
+        parts = [self._run_padded(batch[i:i + chunk], self.fixed_batch or 0) for i in range(0, len(batch), chunk)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def __repr__(self) -> str:
-        return f"OnnxModel({self.path.name!r} on {self.provider})"
+        engine = f" with engine {self.engine.parent.name}" if self.engine else ""
+        return f"OnnxModel({self.path.name!r} on {self.provider}{engine})"
 
-    def _open_session(self, providers: list[str], options: ort.SessionOptions) -> ort.InferenceSession:
+    def _open_engine(self, options: ort.SessionOptions) -> ort.InferenceSession | None:
+        """The engine's context model on TensorRT alone (no other provider can run its EPContext node); None, and
+        a fallback line, when it does not load, so that the plain ONNX runs instead."""
+        try:
+            return self._open_session(self.engine, [TENSORRT], options, engine=True)
+        except ModelError as error:
+            self.fallbacks.append(f"TensorRT engine {self.engine.parent.name} for {self.path.name} failed to load "
+                                  f"({error}); running the plain ONNX instead")
+            self.engine = None
+            return None
+
+    def _open_session(self, path: Path, providers: list[str], options: ort.SessionOptions, *,
+                      engine: bool = False) -> ort.InferenceSession:
         """A session on the first provider chain that starts; each provider dropped on the way is a fallback line."""
         while True:
             try:
-                session = ort.InferenceSession(str(self.path), sess_options=options,
-                                               providers=[_with_options(p) for p in providers], enable_fallback=0)
+                session = ort.InferenceSession(str(path), sess_options=options, enable_fallback=0,
+                                               providers=[_with_options(p, engine=engine) for p in providers])
             except _MODEL_FILE_ERRORS as error:
-                raise ModelError(f"{self.path}: not a loadable ONNX model ({error}): re-export it or replace the "
+                raise ModelError(f"{path}: not a loadable ONNX model ({error}): re-export it or replace the "
                                  f"file (a truncated copy or a Git LFS pointer looks like this)") from error
             except _PROVIDER_ERRORS as error:
                 if len(providers) == 1:
-                    raise ModelError(f"{self.path}: onnxruntime cannot create a session on {providers[0]} ({error}): "
+                    raise ModelError(f"{path}: onnxruntime cannot create a session on {providers[0]} ({error}): "
                                      f"check the model's opset and operators, or re-export it") from error
-                self.fallbacks.append(f"{providers[0]} failed to start for {self.path.name} ({error}); "
+                self.fallbacks.append(f"{providers[0]} failed to start for {path.name} ({error}); "
                                       f"falling back to {providers[1]}")
                 providers = providers[1:]
                 continue
@@ -138,11 +163,11 @@ class OnnxModel:
             raise ModelError(f"{self.path}: given tiles of {tuple(shape[2:])}, the model is fixed to "
                              f"{self.patch_zyx}: set the recipe's patch_size_zyx to it")
 
-    def _run_padded(self, chunk: np.ndarray, size: int) -> np.ndarray:
-        """Run one chunk, zero-filled up to `size` items (a fixed-batch model's last chunk), extra items dropped."""
+    def _run_padded(self, chunk: np.ndarray, pad_to: int) -> np.ndarray:
+        """Run one chunk, zero-filled up to `pad_to` items (a fixed-batch model's last chunk), extra items dropped."""
         n = len(chunk)
-        if n < size:
-            chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+        if n < pad_to:
+            chunk = np.concatenate([chunk, np.zeros((pad_to - n, *chunk.shape[1:]), chunk.dtype)])
         try:
             (logits,) = self._session.run([self._output_name], {self._input_name: chunk})
         except _RUN_ERRORS as error:
@@ -152,9 +177,10 @@ class OnnxModel:
         return logits[:n].astype(np.float32, copy=False)
 
 
-def _with_options(provider: str) -> str | tuple[str, dict]:
-    """TensorRT in fp16 (the T4 has fp16 tensor cores) with engines cached, so later runs skip the build."""
-    if provider != TENSORRT:
+def _with_options(provider: str, *, engine: bool = False) -> str | tuple[str, dict]:
+    """TensorRT in fp16 (the T4 has fp16 tensor cores) with engines cached, so later runs skip the build; a
+    prebuilt engine's context model needs no option (its precision and profile are in the engine)."""
+    if provider != TENSORRT or engine:
         return provider
     TRT_CACHE.mkdir(parents=True, exist_ok=True)
     return (TENSORRT, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
