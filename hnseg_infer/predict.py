@@ -54,8 +54,8 @@ def activate(logits_kzyx: np.ndarray, head: HeadSpec) -> np.ndarray:
 def load_folds(spec: ModelSpec, *, device: str) -> list[OnnxModel]:
     """One session per fold file, checked against the recipe's channels and outputs."""
     folds = []
-    for path in spec.files:
-        model = OnnxModel(path, device=device)
+    for path, sha256 in zip(spec.files, spec.sha256):
+        model = OnnxModel(path, device=device, sha256=sha256)  # the recipe's hash: an engine's stamp is checked on it
         if model.n_input_channels not in (None, len(spec.channels)):
             raise ModelError(f"{path} expects {model.n_input_channels} input channels but recipe model "
                              f"{spec.name!r} declares {len(spec.channels)}: fix the recipe's 'channels'")
