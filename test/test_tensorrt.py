@@ -259,6 +259,14 @@ def test_mismatching_engine_runs_the_plain_onnx_and_says_why(model, monkeypatch,
     assert not any("failed to load" in f for f in loaded.fallbacks)  # the engine was never tried
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_the_callers_hash_is_what_the_stamp_is_checked_against(model, monkeypatch, gpu_build_without_gpu):
+    write_engine(model, T4)
+    monkeypatch.setattr(trt, "probe_platform", _facts(T4))
+    loaded = OnnxModel(model, device="cuda", sha256="ff" * 32)  # as if the recipe had hashed another file
+    assert any("but fold_0.onnx has sha256 ffffffffffff… (the model was re-exported" in f for f in loaded.fallbacks)
+
+
 # --- export/to_tensorrt.py -----------------------------------------------------------------------------------------
 
 def _listing(folder: Path) -> list[str]:
