@@ -14,12 +14,13 @@ WORKDIR /opt/app
 COPY --chown=user:user requirements.txt /opt/app/
 RUN python3 -m pip install --no-cache-dir -r requirements.txt
 
-# TensorRT's libraries come from the tensorrt-cu12-libs wheel (requirements.txt); onnxruntime's TensorRT EP finds
-# libnvinfer.so.10 through the loader path. The build fails here, not at run time, if the wheel's layout changes.
+# TensorRT's libraries come from the tensorrt-cu12-libs wheel (requirements.txt); onnxruntime's TensorRT EP links
+# libnvinfer, libnvinfer_plugin and libnvonnxparser .so.10 and finds them through the loader path. The build fails
+# here, not at run time, if the wheel's layout changes.
 ENV TRT_LIBS=/usr/local/lib/python3.10/dist-packages/tensorrt_libs
 ENV LD_LIBRARY_PATH=${TRT_LIBS}:${LD_LIBRARY_PATH}
-RUN test -f "${TRT_LIBS}/libnvinfer.so.10" && test -f "${TRT_LIBS}/libnvonnxparser.so.10" \
- || { echo "TensorRT libraries not found in ${TRT_LIBS}:"; ls "${TRT_LIBS}"; exit 1; }
+RUN for lib in libnvinfer libnvinfer_plugin libnvonnxparser; do test -f "${TRT_LIBS}/${lib}.so.10" \
+      || { echo "${lib}.so.10 not found in ${TRT_LIBS}:"; ls "${TRT_LIBS}"; exit 1; }; done
 
 COPY --chown=user:user hnseg_infer /opt/app/hnseg_infer
 COPY --chown=user:user process.py /opt/app/

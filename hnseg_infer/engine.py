@@ -70,15 +70,13 @@ class OnnxModel:
         providers, self.fallbacks = plan_providers(device, ort.get_available_providers())
         plan = plan_engine(self.path, providers, source_sha256=sha256)  # sha256: the recipe's, saves a re-read
         self.fallbacks += plan.fallbacks
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
         self.engine: Path | None = plan.engine  # the TensorRT engine's context model, when one is in use
         self.max_batch: int | None = plan.stamp.profile_max[0] if plan.stamp else None  # the engine's profile
-        self._session = self._open_engine(options) if self.engine else None
+        self._session = self._open_engine(threads) if self.engine else None
         if self._session is None:
             self.max_batch = None
-            self._session = self._open_session(self.path, plan.providers, options)
+            self._session = self._open_session(self.path, plan.providers,
+                                               _session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
         self.provider: str = self._session.get_providers()[0]
         self._read_signature()
 
@@ -95,9 +93,11 @@ class OnnxModel:
         engine = f" with engine {self.engine.parent.name}" if self.engine else ""
         return f"OnnxModel({self.path.name!r} on {self.provider}{engine})"
 
-    def _open_engine(self, options: ort.SessionOptions) -> ort.InferenceSession | None:
+    def _open_engine(self, threads: int | None) -> ort.InferenceSession | None:
         """The engine's context model on TensorRT alone (no other provider can run its EPContext node); None, and
         a fallback line, when it does not load, so that the plain ONNX runs instead."""
+        # One EPContext node: graph optimisation has nothing to do (onnxruntime advises it off for fast loading).
+        options = _session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
             return self._open_session(self.engine, [TENSORRT], options, engine=True)
         except ModelError as error:
@@ -175,6 +175,13 @@ class OnnxModel:
                              f"({error}): if it ran out of memory lower the recipe's tile_batch or run with "
                              f"--device cpu") from error
         return logits[:n].astype(np.float32, copy=False)
+
+
+def _session_options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    return options
 
 
 def _with_options(provider: str, *, engine: bool = False) -> str | tuple[str, dict]:
