@@ -132,11 +132,9 @@ def platform_mismatch(stamp: EngineStamp, here: Platform) -> str | None:
     capability: TensorRT engines are tuned to one GPU model and NVIDIA does not support moving them to another."""
     if not here.ready:
         return f"it cannot be checked on this machine ({'; '.join(here.problems)})"
-    built, this = stamp.platform, here
-    if (built.gpu_name, built.compute_capability, built.tensorrt_version) == \
-            (this.gpu_name, this.compute_capability, this.tensorrt_version):
+    if stamp.platform == here:
         return None
-    return f"built for {built.describe()}, this is {this.describe()}"
+    return f"built for {stamp.platform.describe()}, this is {here.describe()}"
 
 
 def files_mismatch(stamp: EngineStamp, folder: Path, source: Path, source_sha256: str) -> str | None:
@@ -172,7 +170,7 @@ def plan_engine(model_path: Path, providers: list[str], *, source_sha256: str | 
     minutes of the case's budget) and a fallback line saying exactly why.
     """
     folder = engine_dir(model_path)
-    if not (folder / STAMP_FILE).exists() or providers == ["CPUExecutionProvider"]:
+    if not folder.is_dir() or providers == ["CPUExecutionProvider"]:
         return EnginePlan(None, None, providers, [])
     without_trt = [p for p in providers if p != TENSORRT]
     stamp, reason = _check_engine(Path(model_path), folder, providers, source_sha256, probe or probe_platform)

@@ -189,6 +189,9 @@ def test_corrupt_stamp_is_refused_not_fatal(model):
     plan = trt.plan_engine(model, GPU_BUILD, probe=_facts(T4))
     assert plan.engine is None and plan.providers == [CUDA, CPU]
     assert f"{folder / trt.STAMP_FILE}: not a readable engine stamp" in plan.fallbacks[0]
+    (folder / trt.STAMP_FILE).unlink()  # an engine folder without its stamp: not used blind
+    (line,) = trt.plan_engine(model, GPU_BUILD, probe=_facts(T4)).fallbacks
+    assert f"{folder / trt.STAMP_FILE}: not a readable engine stamp ([Errno 2] No such file" in line
 
 
 def test_no_engine_or_cpu_keeps_todays_plan(model):
