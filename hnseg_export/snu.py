@@ -12,7 +12,7 @@ What this follows:
   1 + a term: a zero map removes the skip, as "gates" says).
 - SE Norm as in Iantsen et al., "Squeeze-and-Excitation Normalization for Automated Delineation of Head and
   Neck Primary Tumors in Combined PET and CT Images" (HECKTOR 2020 winner; github.com/iantsen/hecktor,
-  src/layers.py FastSmoothSENorm): instance norm without affine, then γ·x̂ + β with γ = sigmoid(SE_γ(x)) and
+  src/layers.py FastSmoothSENorm): instance norm without affine (written out, see SENorm), then γ·x̂ + β with γ = sigmoid(SE_γ(x)) and
   β = tanh(SE_β(x)) per channel, each SE a 1×1×1 conv → ReLU → 1×1×1 conv on the channel means of the norm's
   input (reduction 2); conv blocks are conv → ReLU → SE Norm; encoder blocks are residual (a 1×1×1 conv block
   projects the shortcut when the width changes), decoder blocks plain, as there.
@@ -33,23 +33,40 @@ def _squeeze_excite(channels: int, reduction: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv3d(hidden, channels, 1))
 
 
+def _mean_zyx(x: torch.Tensor) -> torch.Tensor:
+    """Channel means [N, C, 1, 1, 1], one axis at a time (see SENorm)."""
+    return x.mean(dim=4, keepdim=True).mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)
+
+
 class SENorm(nn.Module):
-    """Instance norm (no affine) recalibrated per channel and per sample: γ·x̂ + β, γ ∈ (0, 1), β ∈ (-1, 1)."""
+    """Instance norm (no affine) recalibrated per channel and per sample: γ·x̂ + β, γ ∈ (0, 1), β ∈ (-1, 1).
+
+    x̂ is F.instance_norm's (biased variance, eps 1e-5) written out with axis-by-axis means: onnxruntime's
+    InstanceNormalization and whole-volume ReduceMean sum a channel in one float32 run, which on a 48×64×64 tile
+    of ReLU outputs is off by ~1e-4 of the variance (the exported network then differs from PyTorch by ~1e-3);
+    axis-by-axis sums are short and the export agrees to ~1e-5.
+    """
+
+    eps = 1e-5
 
     def __init__(self, channels: int, *, reduction: int = 2):
         super().__init__()
-        self.norm = nn.InstanceNorm3d(channels, affine=False)
         self.gamma = _squeeze_excite(channels, reduction)
         self.beta = _squeeze_excite(channels, reduction)
 
     def recalibration(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """γ and β, each [N, C, 1, 1, 1], from the channel means of x (the squeeze)."""
-        squeezed = x.mean(dim=(2, 3, 4), keepdim=True)
-        return torch.sigmoid(self.gamma(squeezed)), torch.tanh(self.beta(squeezed))
+        return self._recalibration(_mean_zyx(x))
+
+    def _recalibration(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.gamma(mean)), torch.tanh(self.beta(mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.recalibration(x)
-        return gamma * self.norm(x) + beta
+        mean = _mean_zyx(x)
+        gamma, beta = self._recalibration(mean)
+        centred = x - mean
+        normalised = centred / torch.sqrt(_mean_zyx(centred * centred) + self.eps)
+        return gamma * normalised + beta
 
 
 class ConvSENorm(nn.Module):
