@@ -187,7 +187,12 @@ def _import(module_name: str):
             raise FileNotFoundError(f"no file {path}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module  # as an import would: dataclasses and pickling look the module up there
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[spec.name]
+            raise
         return module
     if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` does: the current folder's packages
         sys.path.append(os.getcwd())

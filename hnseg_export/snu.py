@@ -12,14 +12,15 @@ What this follows:
   1 + a term: a zero map removes the skip, as "gates" says).
 - SE Norm as in Iantsen et al., "Squeeze-and-Excitation Normalization for Automated Delineation of Head and
   Neck Primary Tumors in Combined PET and CT Images" (HECKTOR 2020 winner; github.com/iantsen/hecktor,
-  src/layers.py FastSmoothSENorm): instance norm without affine (written out, see SENorm), then γ·x̂ + β with γ = sigmoid(SE_γ(x)) and
-  β = tanh(SE_β(x)) per channel, each SE a 1×1×1 conv → ReLU → 1×1×1 conv on the channel means of the norm's
-  input (reduction 2); conv blocks are conv → ReLU → SE Norm; encoder blocks are residual (a 1×1×1 conv block
-  projects the shortcut when the width changes), decoder blocks plain, as there.
+  src/layers.py FastSmoothSENorm): instance norm without affine (written out, see SENorm), then γ·x̂ + β with
+  γ = sigmoid(SE_γ(x)) and β = tanh(SE_β(x)) per channel, each SE a 1×1×1 conv → ReLU → 1×1×1 conv on the
+  channel means of the norm's input (reduction 2); conv blocks are conv → ReLU → SE Norm; encoder blocks are
+  residual (a 1×1×1 conv block projects the shortcut when the width changes), decoder blocks plain, as there.
 - U-Net plumbing in the nnU-Net manner: max-pool ×2 down, transposed conv ×2 up, widths doubling per level up
   to `max_features`; the network returns logits (the recipe's head applies softmax).
 
-Input sizes must be divisible by 2^(depth-1) on every axis: 256×256×112 (z = 112 = 7·16) works up to depth 5.
+Input sizes must be divisible by 2^(depth-1) on every axis: the paper's 256×256×112 (x, y, z; patch_size_zyx
+[112, 256, 256], z = 112 = 7·16) works up to depth 5.
 """
 
 from __future__ import annotations

@@ -191,6 +191,8 @@ ERRORS = {  # case → (changes to the command line, words the message must hold
     "module without class": ({"module": "hnseg_export.snu"}, ["pkg.mod:Class"]),
     "module not importable": ({"module": "no_such_pkg.nets:Net"}, ["cannot import 'no_such_pkg.nets'",
                                                                    "ModuleNotFoundError"]),
+    "module file broken": ({"module": lambda root: f"{_write(root, 'net.py', 'class Net(:')}:Net"},
+                           ["cannot import", "net.py", "SyntaxError"]),
     "no such class": ({"module": "hnseg_export.snu:UNet"}, ["no attribute 'UNet'", "SNUNet"]),
     "not a module class": ({"module": "json:JSONDecoder"}, ["not a subclass of torch.nn.Module"]),
     "not a class": ({"module": "hnseg_export.snu:_stack"}, ["'_stack' is function"]),
