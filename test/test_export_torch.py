@@ -17,8 +17,6 @@ from hnseg_infer.engine import OnnxModel
 from hnseg_infer.errors import ExportError
 from hnseg_infer.recipe import load_recipe
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*instance_norm.*:UserWarning")  # the exporter's, harmless here
-
 MODULE = "hnseg_export.snu:SNUNet"
 KWARGS = {"base_features": 4, "depth": 3, "attention_features": 2, "blocks_per_level": 1}
 PATCH_ZYX = [16, 32, 32]
