@@ -30,6 +30,7 @@ import inspect
 import json
 import pickle
 import pydoc
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -685,9 +686,10 @@ def _torch_load(path: Path, *, trust: bool):
     except pickle.UnpicklingError as error:
         if trust:
             raise ExportError(f"{path} cannot be read as a torch checkpoint ({error})") from error
-        raise ExportError(f"{path} holds Python objects beyond tensors and plain values, which torch.load refuses "
-                          f"with weights_only=True ({str(error).splitlines()[0]}): if you trust the file, pass "
-                          f"--trust-checkpoint") from error
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        raise ExportError(f"{path} holds Python objects beyond tensors and plain values ("
+                          f"{found.group(1) if found else 'refused by torch.load weights_only=True'}): if you trust "
+                          f"the file, pass --trust-checkpoint") from error
     except (RuntimeError, EOFError, OSError) as error:
         raise ExportError(f"{path} cannot be read as a torch checkpoint ({type(error).__name__}: {error})") from error
 

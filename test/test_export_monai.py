@@ -30,6 +30,7 @@ from hnseg_infer.errors import ExportError
 from hnseg_infer.grid import Grid
 from hnseg_infer.intensity import apply_ops
 from hnseg_infer.io import Case, detect_pet_unit
+from hnseg_infer.pipeline import predict_case
 from hnseg_infer.predict import build_input, load_folds, model_grid, predict_probabilities
 from hnseg_infer.recipe import load_recipe
 from hnseg_infer.roi import locate_roi
@@ -321,6 +322,9 @@ def test_auto3dseg_end_to_end_against_monai(auto3dseg):
     assert np.abs(ours - expected).max() < 1e-3
     assert (ours.argmax(0) == expected.argmax(0)).mean() > 0.999
     assert np.abs(folds[0] - folds[1]).max() > 1e-2  # the folds are different networks: both were used
+    # and the whole hnseg pipeline runs the recipe: a mask on exactly the CT's grid
+    mask = predict_case(case, load_recipe(auto3dseg["out"]), device="cpu").mask
+    assert Grid.of(mask).same_as(Grid.of(ct), tol=0.0) and mask.GetPixelID() == sitk.sitkUInt8
 
 
 # ---------------------------------------------------------------------------------------------------- bundle
@@ -455,6 +459,41 @@ def test_auto3dseg_errors(tmp_path, fold_config, change, argv, message):
     with pytest.raises(ExportError, match=message):
         route([*paths, "--out", tmp_path / "w", *argv])
     assert_nothing_left(tmp_path / "w")
+
+
+def test_numpy_values_in_a_checkpoint_need_trust(tmp_path, fold_config):
+    config = {**fold_config[1], "intensity_bounds": [np.float64(-200.0), np.float64(300.0)]}  # as numpy stats give
+    (path,) = _checkpoints(tmp_path, [config])
+    with pytest.raises(ExportError, match=r"numpy\S*scalar\): if you trust the file, pass --trust-checkpoint"):
+        route([path, "--out", tmp_path / "w"])
+    assert_nothing_left(tmp_path / "w")
+    (spec,) = load_recipe(route([path, "--out", tmp_path / "w", "--trust-checkpoint"])).models
+    assert spec.channels[0].ops[0] == {"op": "scale", "factor": 2 / 500, "offset": -1 + 200 * 2 / 500}
+
+
+@pytest.mark.parametrize("sigmoid, class_index, labels, regions, expected", [
+    (False, None, [0, 1, 2], None, {"type": "softmax", "labels": [0, 1, 2]}),
+    (False, None, [0, 2, 1], None, {"type": "softmax", "labels": [0, 2, 1]}),  # a dataset with 1 = node, 2 = tumour
+    (True, [[1, 2], [2]], [0, 1, 2], None, {"type": "sigmoid", "regions": [[1, 2], [2]], "region_labels": [1, 2]}),
+    (True, [[1], [2]], [0, 2, 1], None, {"type": "sigmoid", "regions": [[2], [1]], "region_labels": [2, 1]}),
+    (True, None, [0, 1, 2], ["1,2", "2"], {"type": "sigmoid", "regions": [[1, 2], [2]], "region_labels": [1, 2]}),
+])
+def test_heads_map_training_labels_to_gtvp_and_gtvn(sigmoid, class_index, labels, regions, expected):
+    n_outputs = len(class_index or regions or labels)
+    assert from_monai._head(sigmoid=sigmoid, n_outputs=n_outputs, class_index=class_index, labels=labels,
+                            regions=regions, where="x") == expected
+
+
+@pytest.mark.parametrize("sigmoid, class_index, labels, n_outputs, message", [
+    (False, None, [0, 1, 2], 4, "4 softmax outputs but --labels maps 3"),
+    (False, None, [0, 1, 1], 3, "must be distinct"),
+    (False, [[1], [2]], [0, 1, 2], 2, "with a softmax head is not supported"),
+    (True, [[2], [1, 2]], [0, 1, 2], 2, "region 0 \\[2\\] leaves \\[\\]"),  # region 0 wholly painted over
+])
+def test_heads_that_cannot_be_decoded(sigmoid, class_index, labels, n_outputs, message):
+    with pytest.raises(ExportError, match=message):
+        from_monai._head(sigmoid=sigmoid, n_outputs=n_outputs, class_index=class_index, labels=labels,
+                         regions=None, where="x")
 
 
 def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path, fold_config):
