@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 from hnseg_infer.errors import ExportError
@@ -68,7 +69,7 @@ def export(args) -> Path:
         network.load_state_dict(parameters)
         networks[fold] = network.eval()
     channels = _channels(predictor, args.channel_sources, args.pet_values)
-    head = _head(predictor.label_manager, predictor.dataset_json, results)
+    head = _head(predictor.label_manager)
     with staged_weights(args.out, overwrite=args.overwrite) as staging:
         files, provenance = export_folds(networks, staging, n_channels=len(channels),
                                          patch_zyx=tuple(config.patch_size), head=head["type"], fp16=args.fp16,
@@ -79,7 +80,8 @@ def export(args) -> Path:
                  "patch_size_zyx": list(config.patch_size), "channels": channels, "head": head,
                  "fold_average": "logits", "step_fraction": 0.5,
                  "mirror_axes_zyx": [] if args.no_mirroring else list(predictor.allowed_mirroring_axes or ()),
-                 "tile_batch": args.tile_batch, "gaussian": True, "provenance": provenance}
+                 "tile_batch": args.tile_batch, "gaussian": True, "grid_spacing": "fit_roi",
+                 "provenance": provenance}
         write_recipe(staging, name=name, roi=roi, models=[model], postprocess={},
                      description=f"nnU-Net v2 {predictor.trainer_name} {plans.plans_name} "
                                  f"{_configuration_name(predictor)}, folds {', '.join(folds)}, from {results}")
@@ -92,6 +94,12 @@ def _check_folder(results: Path, folds, checkpoint: str) -> None:
         if not (results / required).is_file():
             raise ExportError(f"{results / required} not found: pass the nnU-Net trained model folder (the one "
                               f"holding plans.json, dataset.json and fold_0 ...), not the dataset or results root")
+    dataset = json.loads((results / "dataset.json").read_text())
+    values = {v for name, value in dataset.get("labels", {}).items() if name != "ignore"
+              for v in (value if isinstance(value, list) else [value])}
+    if not values <= {0, 1, 2}:
+        raise ExportError(f"{results / 'dataset.json'}: labels {dataset.get('labels')} use values {sorted(values)}; "
+                          f"hnseg writes HECKTOR's 0 background, 1 GTVp, 2 GTVn: retrain with those values")
     found = _fold_names(results, folds, checkpoint)
     if not found:
         raise ExportError(f"{results}: no fold_*/{checkpoint}: pass --checkpoint (e.g. checkpoint_best.pth) or "
@@ -118,8 +126,8 @@ def _load_predictor(results: Path, folds, checkpoint: str):
     use_folds = [int(f[len("fold_"):]) if f != "fold_all" else "all" for f in _fold_names(results, folds, checkpoint)]
     try:
         predictor.initialize_from_trained_model_folder(str(results), use_folds, checkpoint_name=checkpoint)
-    except (KeyError, AttributeError, RuntimeError, ValueError, TypeError) as error:
-        # KeyError: a checkpoint without network_weights/trainer_name; AttributeError: trainer class not found;
+    except (KeyError, AttributeError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as error:
+        # Unpickling/EOF: a damaged checkpoint; KeyError: one without network_weights/trainer_name; AttributeError: trainer class not found;
         # RuntimeError: weights that do not fit the network the plans describe.
         raise ExportError(f"{results}: nnU-Net could not rebuild the trained network ({type(error).__name__}: "
                           f"{str(error)[:300]}): check that plans.json matches the checkpoints and that a custom "
@@ -163,7 +171,7 @@ def _channels(predictor, sources, pet_values: str) -> list[dict]:
         ops = [{"op": "suv"}] if source == "pet" and pet_values == "suv" else []
         ops += _normalisation(scheme, config.use_mask_for_norm[index],
                               plans.foreground_intensity_properties_per_channel.get(str(index)), name)
-        channels.append({"source": source, "interpolation": interpolation, "ops": ops})
+        channels.append({"source": source, "interpolation": interpolation, "ops": ops, "ops_before_sampling": True})
     return channels
 
 
@@ -185,21 +193,12 @@ def _normalisation(scheme: str, use_mask: bool, properties: dict | None, channel
                       f"CTNormalization, ZScoreNormalization, RescaleTo01Normalization, NoNormalization)")
 
 
-def _head(label_manager, dataset_json: dict, results: Path) -> dict:
-    """softmax over all labels, or sigmoid regions painted in regions_class_order; values must be HECKTOR's."""
+def _head(label_manager) -> dict:
+    """softmax over all labels, or sigmoid regions painted in regions_class_order (values checked beforehand)."""
     if label_manager.has_regions:
         regions = [sorted(r) if isinstance(r, (list, tuple)) else [int(r)] for r in label_manager.foreground_regions]
-        order = list(label_manager.regions_class_order)
-        values = {v for region in regions for v in region} | set(order)
-        head = {"type": "sigmoid", "regions": regions, "region_labels": order}
-    else:
-        values = set(label_manager.all_labels)
-        head = {"type": "softmax", "labels": [int(v) for v in label_manager.all_labels]}
-    if not values <= {0, 1, 2}:
-        raise ExportError(f"{results / 'dataset.json'}: labels {dataset_json.get('labels')} use values "
-                          f"{sorted(values)}; hnseg writes HECKTOR's 0 background, 1 GTVp, 2 GTVn: retrain with those "
-                          f"values")
-    return head
+        return {"type": "sigmoid", "regions": regions, "region_labels": list(label_manager.regions_class_order)}
+    return {"type": "softmax", "labels": [int(v) for v in label_manager.all_labels]}
 
 
 def _source(results: Path, folds: list[str], checkpoint: str, predictor) -> dict:

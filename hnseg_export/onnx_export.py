@@ -175,6 +175,7 @@ def staged_weights(out_dir: Path, *, overwrite: bool = False):
         raise ExportError(f"output folder {out_dir} exists and is not empty: choose another --out or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a container's non-root user must read the weights
     try:
         yield staging
         if out_dir.exists():

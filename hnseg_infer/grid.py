@@ -84,11 +84,14 @@ class Grid:
                     tuple(float(o) for o in image.GetOrigin()), tuple(float(d) for d in image.GetDirection()))
 
     @staticmethod
-    def covering(box: Box, spacing_xyz_mm) -> "Grid":
+    def covering(box: Box, spacing_xyz_mm, *, fit_box: bool = False) -> "Grid":
         """The grid with the box's axes and the given spacing whose voxels tile the box, centred on it.
-        The voxel count per axis is the box size over the spacing, rounded (at least 1)."""
+        The voxel count per axis is the box size over the spacing, rounded (at least 1). With `fit_box` the
+        spacing is then adjusted so the voxels fill the box exactly, as nnU-Net's resampling does."""
         spacing = np.asarray(spacing_xyz_mm, dtype=np.float64)
         size = np.maximum(1, np.round(np.asarray(box.size_xyz_mm) / spacing)).astype(int)
+        if fit_box:
+            spacing = np.asarray(box.size_xyz_mm, dtype=np.float64) / size
         d = _direction_matrix(box.direction)
         first_center = box.center_xyz_mm - d @ (spacing * (size - 1) / 2)
         return Grid(tuple(size.tolist()), tuple(spacing.tolist()), tuple(first_center.tolist()), box.direction)

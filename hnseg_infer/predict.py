@@ -11,7 +11,7 @@ from .errors import ModelError
 from .grid import IDENTITY, Box, Grid, sample
 from .intensity import apply_ops
 from .io import FILL_VALUE, Case
-from .recipe import HeadSpec, ModelSpec
+from .recipe import ChannelSpec, HeadSpec, ModelSpec
 from .sliding_window import predict_sliding_window
 
 
@@ -22,7 +22,7 @@ def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
     """The model's voxel grid: the ROI box at the model's spacing, along LPS axes, along RAS axes (MONAI's
     Orientationd(axcodes="RAS")) or along the CT's own axes."""
     frame = {"lps": IDENTITY, "ras": RAS, "ct": ct_grid.direction}[spec.orientation]
-    return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm)
+    return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm, fit_box=spec.grid_spacing == "fit_roi")
 
 
 def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
@@ -34,13 +34,37 @@ def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
         if channel.source == "zero":
             channels.append(np.zeros(grid.size_zyx, dtype=np.float32))
             continue
+        suv_factor = case.pet_unit.suv_per_stored_value
+        if channel.ops_before_sampling:
+            channels.append(_ops_then_sample(images[channel.source], grid, channel, suv_factor))
+            continue
         key = (channel.source, channel.interpolation)
         if key not in sampled:
             sampled[key] = sample(images[channel.source], grid, interpolation=channel.interpolation,
                                   fill_value=FILL_VALUE[channel.source])
-        channels.append(apply_ops(sampled[key], channel.ops,
-                                  suv_per_stored_value=case.pet_unit.suv_per_stored_value))
+        channels.append(apply_ops(sampled[key], channel.ops, suv_per_stored_value=suv_factor))
     return np.stack(channels)
+
+
+def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_factor: float) -> np.ndarray:
+    """The ops applied to the native voxels around the grid (statistics taken there), then sampled onto the grid
+    and clipped to the range of the normalised voxels (nnU-Net's resize clips its spline overshoot so).
+    Outside the native image: the channel's lowest value (air, no uptake), as the raw fill values are."""
+    native = Grid.of(image)
+    index_xyz = native.physical_to_index(grid.box().corners_xyz_mm())
+    margin = 3  # interpolation support beyond the grid's box
+    lo = np.maximum(np.floor(index_xyz.min(axis=0)).astype(int) - margin, 0)
+    hi = np.minimum(np.ceil(index_xyz.max(axis=0)).astype(int) + margin + 1, native.size_xyz)
+    if np.any(hi <= lo):  # the grid lies wholly outside the image
+        return np.full(grid.size_zyx, apply_ops(np.float32([FILL_VALUE[channel.source]]), channel.ops,
+                                                 suv_per_stored_value=suv_factor)[0], np.float32)
+    region = image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
+    values = apply_ops(sitk.GetArrayFromImage(region).astype(np.float32), channel.ops,
+                       suv_per_stored_value=suv_factor)
+    normalised = sitk.GetImageFromArray(values)
+    normalised.CopyInformation(region)
+    low, high = float(values.min()), float(values.max())
+    return np.clip(sample(normalised, grid, interpolation=channel.interpolation, fill_value=low), low, high)
 
 
 def activate(logits_kzyx: np.ndarray, head: HeadSpec) -> np.ndarray:

@@ -24,6 +24,7 @@ RECIPE_FILE = "recipe.json"
 ORIENTATIONS = ("lps", "ct", "ras")
 INTERPOLATIONS = ("linear", "bspline")
 FOLD_AVERAGES = ("probabilities", "logits")
+GRID_SPACINGS = ("exact", "fit_roi")
 TILINGS = ("nnunet", "monai")  # the sliding window's tile placement and Gaussian: nnU-Net's or MONAI's
 
 
@@ -32,6 +33,9 @@ class ChannelSpec:
     source: str
     interpolation: str
     ops: tuple[dict, ...]
+    # nnU-Net normalises the native image and then resamples it: a clip before interpolation moves edges (air/body)
+    # differently from one after it. True reproduces that order.
+    ops_before_sampling: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class ModelSpec:
     # only it takes.
     tiling: str = "nnunet"
     overlap: float | None = None
+    # "exact": the grid has spacing_xyz_mm exactly; "fit_roi": the voxel count is rounded and the spacing adjusted
+    # so that the voxels fill the ROI box exactly (nnU-Net's resampling of a whole image).
+    grid_spacing: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ def _sha256(path: Path) -> str:
 
 
 def _channel(obj, where) -> ChannelSpec:
-    keys = ("source", "interpolation", "ops")
+    keys = ("source", "interpolation", "ops", "ops_before_sampling")
     r = _Reader(obj, where)
     source = r.take("source", kind=str)
     if source not in SOURCES:
@@ -148,8 +155,9 @@ def _channel(obj, where) -> ChannelSpec:
     if interpolation not in INTERPOLATIONS:
         raise RecipeError(f"{where}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     ops = validate_ops(r.take("ops", default=[], kind=list), source=source, where=where)
+    before = r.take("ops_before_sampling", default=False, kind=bool)
     r.done(keys)
-    return ChannelSpec(source, interpolation, ops)
+    return ChannelSpec(source, interpolation, ops, before)
 
 
 def _head(obj, where) -> HeadSpec:
@@ -178,7 +186,7 @@ def _head(obj, where) -> HeadSpec:
 def _model(obj, where, folder: Path) -> ModelSpec:
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
             "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
-            "tiling", "overlap")
+            "tiling", "overlap", "grid_spacing")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -215,9 +223,13 @@ def _model(obj, where, folder: Path) -> ModelSpec:
     if sorted(transpose) != [0, 1, 2]:
         raise RecipeError(f"{where}: transpose_forward must be a permutation of [0, 1, 2], got {list(transpose)}")
     provenance = r.take("provenance", default={}, kind=dict)
+    grid_spacing = r.take("grid_spacing", default="exact", kind=str)
+    if grid_spacing not in GRID_SPACINGS:
+        raise RecipeError(f"{where}: grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
     r.done(keys)
     return ModelSpec(name, files, tuple(_sha256(f) for f in files), spacing, orientation, patch, channels, head,
-                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap)
+                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap,
+                     grid_spacing)
 
 
 def _tiling(r: _Reader, where: str) -> tuple[str, float | None, float]:

@@ -47,6 +47,16 @@ def test_covering_grid_is_centred_and_tiles_the_box(direction):
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
+def test_fitted_grid_fills_the_box_exactly_with_the_rounded_count(direction):
+    box = Box.around((10.0, -20.0, 35.0), (50.0, 31.0, 71.0), direction)
+    grid = Grid.covering(box, (2.2, 1.0, 3.0), fit_box=True)  # 50/2.2 = 22.7 → 23 voxels of 50/23 mm
+    assert grid.size_xyz == (23, 31, 24)
+    assert np.allclose(grid.spacing_xyz_mm, (50.0 / 23, 1.0, 71.0 / 24))
+    assert np.allclose(grid.box().center_xyz_mm, box.center_xyz_mm)
+    assert np.allclose(grid.box().corners_xyz_mm(), box.corners_xyz_mm())
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_crop_to_selects_exactly_the_voxels_whose_centres_are_inside(direction):
     grid = make_grid(direction)
     box = Box.around(grid.index_to_physical([4.2, 3.1, 2.4])[0], (5.0, 4.0, 3.0))  # LPS-aligned box

@@ -81,3 +81,30 @@ def test_heterogeneous_ensemble_softmax_and_sigmoid_models(tmp_path):
     expected_index = Grid.of(ct).physical_to_index(LESION_CENTER_XYZ_MM)[0]
     assert np.all(np.abs(label_centroid_index_xyz(prediction.mask, 1) - expected_index) < 1.0)
     assert set(np.unique(sitk.GetArrayFromImage(prediction.mask))) == {0, 1}
+
+
+@pytest.mark.parametrize("direction", [signed_permutations()[13], oblique_direction()])
+def test_ops_before_sampling_clip_the_native_voxels_first(direction):
+    """An air/body edge (−1000 | 30 HU) sampled halfway between two voxels with a clip to [−150, 250]: clipping
+    first (nnU-Net's order) gives the mean of −150 and 30; sampling first gives the clip of −485."""
+    from hnseg_infer.predict import build_input
+    from hnseg_infer.recipe import ChannelSpec
+
+    ct = sitk.GetImageFromArray(np.where(np.arange(8) < 4, -1000.0, 30.0)[None, None, :].repeat(4, 0).repeat(4, 1)
+                                .astype(np.float32))
+    ct.SetSpacing((2.0, 1.5, 3.0))
+    ct.SetDirection(direction)
+    ct.SetOrigin((5.0, -7.0, 11.0))
+    native = Grid.of(ct)
+    # one voxel halfway between x indices 3 and 4 (the edge), at y 1, z 2
+    centre = native.index_to_physical([3.5, 1.0, 2.0])[0]
+    grid = Grid((1, 1, 1), (1.0, 1.0, 1.0), tuple(centre.tolist()), direction)
+    case = Case(ct, ct, Path("ct.mha"), Path("pet.mha"), detect_pet_unit(ct))
+    clip = ({"op": "clip", "min": -150.0, "max": 250.0},)
+
+    class Spec:  # build_input reads only the channels
+        channels = (ChannelSpec("ct", "linear", clip, ops_before_sampling=True), ChannelSpec("ct", "linear", clip))
+
+    before, after = build_input(case, grid, Spec).reshape(2)
+    assert before == pytest.approx((-150.0 + 30.0) / 2, abs=1e-3)
+    assert after == pytest.approx(-150.0)

@@ -61,6 +61,8 @@ def test_monai_tiling_and_ras_orientation_load(tmp_path):
     (lambda r: monai_tiling(r["models"][0]), "missing required key 'overlap'"),
     (lambda r: monai_tiling(r["models"][0], overlap=1.0), "overlap must be in [0, 1)"),
     (lambda r: r["models"][0].update(overlap=0.5), "'overlap' is MONAI tiling's"),
+    (lambda r: r["models"][0].update(grid_spacing="nnunet"), "grid_spacing must be one of"),
+    (lambda r: r["models"][0]["channels"][0].update(ops_before_sampling="yes"), "'ops_before_sampling' must be bool"),
 ])
 def test_invalid_recipes_name_the_key(tmp_path, mutate, message):
     folder = edit(write_weights(tmp_path), mutate)
