@@ -23,15 +23,17 @@ PET_PROPERTIES = {"max": 30.0, "mean": 6.0, "median": 5.0, "min": 0.0, "percenti
 
 
 def plans_dict(*, architecture: str, patch_size, spacing, transpose_forward=(0, 1, 2),
-               normalization=("CTNormalization", "ZScoreNormalization")) -> dict:
-    """A plans.json for one 3d_fullres configuration; `patch_size` and `spacing` in the network's axis order."""
+               normalization=("CTNormalization", "ZScoreNormalization"), features=(4, 8, 16)) -> dict:
+    """A plans.json for one 3d_fullres configuration; `patch_size` and `spacing` in the network's axis order.
+    Stage 0 convolves in-plane only (as nnU-Net plans anisotropic data); each further stage halves the size."""
     class_name, blocks_key = ARCHITECTURES[architecture]
-    arch_kwargs = {"n_stages": 3, "features_per_stage": [4, 8, 16],
+    n = len(features)
+    arch_kwargs = {"n_stages": n, "features_per_stage": list(features),
                    "conv_op": "torch.nn.modules.conv.Conv3d",
-                   "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
-                   "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                   blocks_key: [1, 2, 2] if architecture == "ResidualEncoderUNet" else [2, 2, 2],
-                   "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                   "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * (n - 1),
+                   "strides": [[1, 1, 1], [1, 2, 2]] + [[2, 2, 2]] * (n - 2),
+                   blocks_key: [1] + [2] * (n - 1) if architecture == "ResidualEncoderUNet" else [2] * n,
+                   "n_conv_per_stage_decoder": [1] * (n - 1), "conv_bias": True,
                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
@@ -84,11 +86,11 @@ def build_network(plans: dict, dataset: dict):
 
 def write_results_folder(root: Path, *, architecture: str = "PlainConvUNet", folds=(0, 1), patch_size=(16, 32, 32),
                          spacing=(3.0, 2.0, 2.0), transpose_forward=(0, 1, 2), regions: bool = False,
-                         mirror_axes=(0, 1, 2), seed: int = 0,
+                         mirror_axes=(0, 1, 2), seed: int = 0, features=(4, 8, 16),
                          normalization=("CTNormalization", "ZScoreNormalization")) -> Path:
     """root/Dataset900_TestHN/nnUNetTrainer__nnUNetPlans__3d_fullres with one random-weight checkpoint per fold."""
     plans = plans_dict(architecture=architecture, patch_size=patch_size, spacing=spacing,
-                       transpose_forward=transpose_forward, normalization=normalization)
+                       transpose_forward=transpose_forward, normalization=normalization, features=features)
     dataset = dataset_dict(regions=regions)
     folder = Path(root) / "Dataset900_TestHN" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     folder.mkdir(parents=True)
@@ -108,3 +110,33 @@ def write_results_folder(root: Path, *, architecture: str = "PlainConvUNet", fol
                     "inference_allowed_mirroring_axes": tuple(mirror_axes), "current_epoch": 1},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+def preprocessed(predictor, case_files) -> "np.ndarray":
+    """The case as nnU-Net's own preprocessor makes it (crop, normalise, resample, transpose)."""
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, _ = preprocessor.run_case([str(p) for p in case_files], None, predictor.plans_manager,
+                                       predictor.configuration_manager, predictor.dataset_json)
+    return data
+
+
+def balance_classes(results: Path, case_files) -> None:
+    """Shift each fold's output biases by minus its mean logits on the case, so that every label wins somewhere:
+    a random network otherwise predicts one label nearly everywhere and a Dice of it says little."""
+    import numpy as np
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(results), None)
+    data = preprocessed(predictor, case_files)
+    data = data[:, :: max(1, data.shape[1] // 32)]  # every few slices: the mean needs no more
+    data = np.pad(data, [(0, 0)] + [(0, -n % 16) for n in data.shape[1:]])  # whole strides of the deepest stage
+    for fold, network_weights in zip(sorted(results.glob("fold_*")), predictor.list_of_parameters):
+        predictor.network.load_state_dict(network_weights)
+        with torch.no_grad():
+            mean_logits = predictor.network(torch.from_numpy(data[None])).mean(dim=(0, 2, 3, 4))
+        checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+        bias = max((k for k in checkpoint["network_weights"] if "seg_layers" in k and k.endswith("bias")),
+                   key=lambda k: int(k.split("seg_layers.")[1].split(".")[0]))
+        checkpoint["network_weights"][bias] -= mean_logits
+        torch.save(checkpoint, fold / "checkpoint_final.pth")

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from builders import image_from_function  # noqa: E402
-from nnunet_folders import write_results_folder  # noqa: E402
+from nnunet_folders import balance_classes, preprocessed, write_results_folder  # noqa: E402
 
 from hnseg_export import from_nnunet  # noqa: E402
 from hnseg_infer.engine import OnnxModel  # noqa: E402
@@ -99,34 +99,9 @@ def exported(request, tmp_path_factory, case_files):
     root = tmp_path_factory.mktemp(request.param)
     results = write_results_folder(root / "nnUNet_results", architecture=request.param, patch_size=patch,
                                    spacing=spacing, transpose_forward=transpose)
-    _balance_classes(results, case_files)
+    balance_classes(results, case_files)
     weights = _export(results, root / "weights")
     return request.param, results, weights
-
-
-def _balance_classes(results: Path, case_files) -> None:
-    """Shift each fold's output biases by minus its mean logits on the case, so that every label wins somewhere:
-    a random network otherwise predicts one label nearly everywhere and a Dice of it says little."""
-    predictor = _predictor(results, fp32_accumulators=False)
-    data = _preprocessed(predictor, case_files)
-    data = np.pad(data, [(0, 0)] + [(0, -n % 8) for n in data.shape[1:]])  # the networks downsample by 8 at most
-    for fold, network_weights in zip(sorted(results.glob("fold_*")), predictor.list_of_parameters):
-        predictor.network.load_state_dict(network_weights)
-        with torch.no_grad():
-            mean_logits = predictor.network(torch.from_numpy(data[None])).mean(dim=(0, 2, 3, 4))
-        checkpoint = torch.load(fold / "checkpoint_final.pth", weights_only=False)
-        bias = max((k for k in checkpoint["network_weights"] if "seg_layers" in k and k.endswith("bias")),
-                   key=lambda k: int(k.split("seg_layers.")[1].split(".")[0]))
-        checkpoint["network_weights"][bias] -= mean_logits
-        torch.save(checkpoint, fold / "checkpoint_final.pth")
-
-
-def _preprocessed(predictor, case_files) -> np.ndarray:
-    """The case as nnU-Net's own preprocessor makes it (crop, normalise, resample, transpose)."""
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, _ = preprocessor.run_case([str(p) for p in case_files], None, predictor.plans_manager,
-                                       predictor.configuration_manager, predictor.dataset_json)
-    return data
 
 
 def test_recipe_carries_the_plans(exported):
@@ -165,7 +140,7 @@ def _our_logits(weights: Path, data_czyx: np.ndarray) -> np.ndarray:
 def test_logits_equal_nnunet_predictor_on_its_preprocessed_input(exported, case_files, monkeypatch):
     _, results, weights = exported
     predictor = _predictor(results, fp32_accumulators=True, monkeypatch=monkeypatch)
-    data = _preprocessed(predictor, case_files)
+    data = preprocessed(predictor, case_files)
     assert any(s < p for s, p in zip(data.shape[1:], predictor.configuration_manager.patch_size)) or \
         any(s % p for s, p in zip(data.shape[1:], predictor.configuration_manager.patch_size))
     reference = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().numpy()
@@ -181,7 +156,7 @@ def test_as_shipped_nnunet_differs_by_its_float16_sums(exported, case_files):
     6e-8) its logits are quantised coarsely. The labels still agree; the difference is nnU-Net's rounding."""
     _, results, weights = exported
     predictor = _predictor(results, fp32_accumulators=False)
-    data = _preprocessed(predictor, case_files)
+    data = preprocessed(predictor, case_files)
     reference = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().numpy()
     ours = _our_logits(weights, data)
     diff = np.abs(ours - reference)
