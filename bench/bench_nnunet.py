@@ -81,9 +81,13 @@ ROUTES = {"nnunet": route_nnunet, "hnseg": route_hnseg}
 
 
 def _child(name, args, queue):
-    start = time.perf_counter()
-    path = ROUTES[name](*args)
-    queue.put((time.perf_counter() - start, peak_rss_mib(), str(path)))
+    try:
+        start = time.perf_counter()
+        path = ROUTES[name](*args)
+        queue.put((time.perf_counter() - start, peak_rss_mib(), str(path)))
+    except BaseException:
+        queue.put(None)  # the parent must not wait for a result that will never come
+        raise
 
 
 def measure(name: str, *args):
@@ -93,7 +97,7 @@ def measure(name: str, *args):
     process.start()
     result = queue.get()
     process.join()
-    if process.exitcode:
+    if result is None or process.exitcode:
         raise SystemExit(f"route {name} failed (exit {process.exitcode})")
     return result
 

@@ -25,7 +25,6 @@ the model's input grid (the ROI box) rather than the whole image, and CropForegr
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import pickle
@@ -38,9 +37,10 @@ import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
 from hnseg_infer.postprocess import PostprocessConfig
+from hnseg_infer.recipe import file_sha256
 from hnseg_infer.roi import check_params
 
-from .onnx_export import export_folds, staged_weights, write_recipe
+from .onnx_export import export_folds, json_object, staged_weights, write_recipe
 
 NETWORK_CLASSES = ("monai.networks.nets.segresnet_ds.SegResNetDS", "monai.networks.nets.segresnet.SegResNet")
 INFERER_CLASSES = ("monai.inferers.inferer.SlidingWindowInferer", "monai.inferers.inferer.SlidingWindowInfererAdapt")
@@ -696,7 +696,7 @@ def _torch_load(path: Path, *, trust: bool):
 
 def _roi_and_postprocess(roi_text: str, postprocess_text: str) -> tuple[dict, dict]:
     """Checked before the slow export: a typo costs seconds."""
-    roi, postprocess = _json_object(roi_text, "--roi"), _json_object(postprocess_text, "--postprocess")
+    roi, postprocess = json_object(roi_text, "--roi"), json_object(postprocess_text, "--postprocess")
     if not isinstance(roi.get("method"), str) or set(roi) - {"method", "params"}:
         raise ExportError(f"--roi {roi_text}: give {{\"method\": NAME, \"params\": {{...}}}} (params optional)")
     try:
@@ -705,16 +705,6 @@ def _roi_and_postprocess(roi_text: str, postprocess_text: str) -> tuple[dict, di
     except RecipeError as error:
         raise ExportError(f"--roi/--postprocess: {error}") from error
     return roi, postprocess
-
-
-def _json_object(text: str, option: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{option} {text!r} is not valid JSON ({error}): pass a JSON object") from error
-    if not isinstance(value, dict):
-        raise ExportError(f"{option} must be a JSON object, got {text!r}")
-    return value
 
 
 def _numbers(value, n: int, key: str, where) -> list[float]:
@@ -747,11 +737,7 @@ def _jsonable(value):
 
 
 def _file_record(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"file": str(path), "sha256": digest.hexdigest()}
+    return {"file": str(path), "sha256": file_sha256(path)}
 
 
 def _monai_version() -> str:

@@ -15,14 +15,14 @@ channels). The end-to-end parity test measures what these cost.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import pickle
 from pathlib import Path
 
 from hnseg_infer.errors import ExportError
+from hnseg_infer.recipe import file_sha256
 
-from .onnx_export import export_folds, staged_weights, write_recipe
+from .onnx_export import export_folds, json_object, staged_weights, write_recipe
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 # dataset.json channel name (lower case) → hnseg channel source
@@ -55,7 +55,7 @@ def export(args) -> Path:
     results = Path(args.results_dir)
     _check_folder(results, args.folds, args.checkpoint)
     predictor = _load_predictor(results, args.folds, args.checkpoint)
-    roi = _parse_json(args.roi, "--roi")
+    roi = json_object(args.roi, "--roi")
     plans, config = predictor.plans_manager, predictor.configuration_manager
     if config.previous_stage_name is not None:
         raise ExportError(f"{results}: configuration {_configuration_name(predictor)!r} is a cascade stage that takes "
@@ -207,20 +207,7 @@ def _source(results: Path, folds: list[str], checkpoint: str, predictor) -> dict
     return {"route": "nnunet", "nnunetv2": version("nnunetv2"), "results_dir": str(results.resolve()), "trainer": predictor.trainer_name,
             "plans": predictor.plans_manager.plans_name, "configuration": _configuration_name(predictor),
             "labels": predictor.dataset_json.get("labels"),
-            "sha256": {name: _sha256(results / name) for name in
+            "sha256": {name: file_sha256(results / name) for name in
                        ("plans.json", "dataset.json", *[f"{f}/{checkpoint}" for f in folds])}}
 
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _parse_json(text: str, option: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{option} {text!r} is not valid JSON ({error})") from error
-    if not isinstance(value, dict):
-        raise ExportError(f"{option} must be a JSON object, got {text!r}")
-    return value
 

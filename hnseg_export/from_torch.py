@@ -8,7 +8,6 @@ strictly (no missing, unexpected or reshaped parameter), then exported, proven a
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -26,11 +25,12 @@ import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
 from hnseg_infer.postprocess import PostprocessConfig
-from hnseg_infer.recipe import ModelSpec
-from hnseg_infer.recipe import _model as validate_model_entry  # the recipe's own check of one model entry
+from hnseg_infer.recipe import ModelSpec, file_sha256
+from hnseg_infer.recipe import parse_model as validate_model_entry
 from hnseg_infer.roi import check_params
 
-from .onnx_export import OUTPUT_NAME, export_folds, proof_input, run_onnx, staged_weights, write_recipe
+from .onnx_export import (OUTPUT_NAME, export_folds, json_object, proof_input, run_onnx, staged_weights,
+                          write_recipe)
 
 CONTAINER_KEYS = ("state_dict", "model", "network_weights")  # Lightning/our trainers, common scripts, nnU-Net
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DistributedDataParallel, torch.compile
@@ -59,9 +59,9 @@ def add_arguments(parser) -> None:
 
 def export(args) -> Path:
     spec = _read_spec(args.model_spec)
-    roi = _json_object(args.roi, "--roi")
-    postprocess = _json_object(args.postprocess, "--postprocess")
-    kwargs = _json_object(args.kwargs, "--kwargs")
+    roi = json_object(args.roi, "--roi")
+    postprocess = json_object(args.postprocess, "--postprocess")
+    kwargs = json_object(args.kwargs, "--kwargs")
     fold_names = [f"{_file_safe(spec['name'])}_fold{i}" for i in range(len(args.state_dict))]
     model = _validate_early(spec, roi, postprocess, spec_path=args.model_spec, fold_names=fold_names)
     networks, state_dicts = _load_folds(import_class(args.module), kwargs, dict(zip(fold_names, args.state_dict)),
@@ -89,22 +89,11 @@ def _load_folds(network_class: type, kwargs: dict, paths: dict[str, Path], *, mo
         state_dict, unwrapped = read_state_dict(path)
         networks[fold] = _build(network_class, kwargs, module)
         load_strictly(networks[fold], state_dict, path=path, module=module)
-        sources[fold] = {"file": str(path), "sha256": _sha256(path), "unwrapped": unwrapped}
+        sources[fold] = {"file": str(path), "sha256": file_sha256(path), "unwrapped": unwrapped}
     return networks, sources
 
 
 # ----------------------------------------------------------------------------------------------- the user's JSON
-
-def _json_object(text: str, option: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ExportError(f"{option} {text!r} is not valid JSON ({error}): pass a JSON object, e.g. "
-                          f"'{{\"key\": 1}}' (mind the shell quoting)") from error
-    if not isinstance(value, dict):
-        raise ExportError(f"{option} must be a JSON object {{...}}, got {type(value).__name__} {text!r}")
-    return value
-
 
 def _read_spec(path: Path) -> dict:
     try:
@@ -284,14 +273,6 @@ def load_strictly(network: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                           f"{'; '.join(problems)}. Check --module/--kwargs against the training run")
     network.load_state_dict(state_dict, strict=True)
     network.eval()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ after export

@@ -185,6 +185,18 @@ def staged_weights(out_dir: Path, *, overwrite: bool = False):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def json_object(text: str, option: str) -> dict:
+    """A command-line option's JSON object, or an ExportError naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{option} {text!r} is not valid JSON ({error}): pass a JSON object, e.g. "
+                          f"'{{\"key\": 1}}' (mind the shell quoting)") from error
+    if not isinstance(value, dict):
+        raise ExportError(f"{option} must be a JSON object {{...}}, got {type(value).__name__} {text!r}")
+    return value
+
+
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],
                  postprocess: dict) -> Path:
     """recipe.json in `folder`, then read back through hnseg_infer's own validator: a recipe that the runtime

@@ -1,7 +1,7 @@
 """The library API: one PET/CT case in, a validated mask on the exact CT grid out, with its run report.
 
-read → validate → locate ROI → per model: grid, channels, sliding window, folds → probabilities onto the CT
-voxels inside the ROI → ensemble → decode → post-process → paste into the CT grid → validate.
+read → validate → locate ROI → per model: grid, channels, sliding window, folds → ensemble and decode on the CT
+voxels inside the ROI (one output channel at a time) → post-process → paste into the CT grid → validate.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .postprocess import postprocess
 from .predict import build_input, load_folds, model_grid, predict_probabilities
 from .recipe import Recipe
 from .report import RunReport, label_volumes
-from .restore import OutputSpace, paste, resample_channels
+from .restore import Member, OutputSpace, paste
 from .roi import locate_roi
 
 
@@ -61,8 +61,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     report.set("roi_grid", roi_grid.to_dict())
 
     space = OutputSpace.for_models(recipe.models)
-    total = np.zeros((space.n_channels, *roi_grid.size_zyx), np.float32)
-    models_record = []
+    members, models_record = [], []
     for spec in recipe.models:
         grid = model_grid(spec, roi.box, ct_grid)
         with report.stage(f"{spec.name}: sample_and_normalise"):
@@ -70,16 +69,16 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         with report.stage(f"{spec.name}: sliding_window"):
             probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
         del image_czyx
-        with report.stage(f"{spec.name}: restore_to_ct"):
-            total += spec.weight * resample_channels(space.from_head(probabilities, spec.head), grid, roi_grid,
-                                                     space.fill_values())
+        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid))
         models_record.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
                               "patch_size_zyx": list(spec.patch_size_zyx), "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
     report.set("models", models_record)
-    total /= sum(spec.weight for spec in recipe.models)
 
-    with report.stage("decode_and_postprocess"):
-        labels_zyx, post_record = postprocess(space.decode(total), spacing_xyz_mm=ct_grid.spacing_xyz_mm,
+    with report.stage("restore_to_ct_and_decode"):
+        labels_zyx = space.decode_ensemble(members, roi_grid)
+    del members
+    with report.stage("postprocess"):
+        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm,
                                               config=recipe.postprocess)
     report.set("postprocess", post_record)
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)

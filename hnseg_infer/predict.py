@@ -58,12 +58,14 @@ def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_fa
     if np.any(hi <= lo):  # the grid lies wholly outside the image
         return np.full(grid.size_zyx, apply_ops(np.float32([FILL_VALUE[channel.source]]), channel.ops,
                                                  suv_per_stored_value=suv_factor)[0], np.float32)
-    region = image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
-    values = apply_ops(sitk.GetArrayFromImage(region).astype(np.float32), channel.ops,
-                       suv_per_stored_value=suv_factor)
-    normalised = sitk.GetImageFromArray(values)
-    normalised.CopyInformation(region)
+    whole = np.array_equal(lo, 0) and np.array_equal(hi, native.size_xyz)
+    region = image if whole else image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
+    # a view, not a copy: the ops make their own arrays (a native CT is ~0.25 GB in float32)
+    values = apply_ops(sitk.GetArrayViewFromImage(region), channel.ops, suv_per_stored_value=suv_factor)
     low, high = float(values.min()), float(values.max())
+    normalised = sitk.GetImageFromArray(values)
+    del values
+    normalised.CopyInformation(region)
     return np.clip(sample(normalised, grid, interpolation=channel.interpolation, fill_value=low), low, high)
 
 

@@ -137,7 +137,7 @@ def _numbers(value, n, where, key, kind=float):
     return out
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -183,7 +183,8 @@ def _head(obj, where) -> HeadSpec:
     raise RecipeError(f"{where}: head type must be 'softmax' or 'sigmoid', got {kind!r}")
 
 
-def _model(obj, where, folder: Path) -> ModelSpec:
+def parse_model(obj, where: str, folder: Path) -> ModelSpec:
+    """One recipe model entry, validated (`where` names it in messages; `folder` holds its files)."""
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
             "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
             "tiling", "overlap", "grid_spacing")
@@ -227,7 +228,7 @@ def _model(obj, where, folder: Path) -> ModelSpec:
     if grid_spacing not in GRID_SPACINGS:
         raise RecipeError(f"{where}: grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
     r.done(keys)
-    return ModelSpec(name, files, tuple(_sha256(f) for f in files), spacing, orientation, patch, channels, head,
+    return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, orientation, patch, channels, head,
                      fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap,
                      grid_spacing)
 
@@ -300,8 +301,8 @@ def load_recipe(weights_dir: Path) -> Recipe:
     model_objs = r.take("models", kind=list)
     if not model_objs:
         raise RecipeError(f"{where}: 'models' is empty")
-    models = tuple(_model(m, f"{where} models[{i}]", path.parent) for i, m in enumerate(model_objs))
+    models = tuple(parse_model(m, f"{where} models[{i}]", path.parent) for i, m in enumerate(model_objs))
     _check_heads_combine(models, where)
     postprocess = PostprocessConfig.from_dict(r.take("postprocess", default={}, kind=dict))
     r.done(keys)
-    return Recipe(path, name, roi, models, postprocess, _sha256(path))
+    return Recipe(path, name, roi, models, postprocess, file_sha256(path))

@@ -49,25 +49,44 @@ class OutputSpace:
         """Probabilities outside a model's grid: certain background."""
         return [1.0, 0.0, 0.0] if self.kind == "labels" else [0.0] * len(self.regions)
 
-    def decode(self, probabilities_kzyx: np.ndarray) -> np.ndarray:
-        """uint8 labels: argmax over labels, or nnU-Net's region order (later regions paint over earlier ones)."""
-        if self.kind == "labels":
-            return np.argmax(probabilities_kzyx, axis=0).astype(np.uint8)
-        labels = np.zeros(probabilities_kzyx.shape[1:], np.uint8)
-        for probability, label in zip(probabilities_kzyx, self.region_labels):
-            labels[probability > 0.5] = label
+    def decode_ensemble(self, members: list["Member"], target: Grid) -> np.ndarray:
+        """uint8 labels on `target` from the members' weighted mean probabilities, one output channel at a time
+        (each interpolated linearly onto `target`, so that at most two channel-sized float arrays exist): argmax
+        over labels (first label on ties), or nnU-Net's region order (later regions paint over earlier ones)."""
+        total_weight = sum(m.weight for m in members)
+        labels = np.zeros(target.size_zyx, np.uint8)
+        best = None
+        for k, fill in enumerate(self.fill_values()):
+            channel = None
+            for member in members:
+                term = resample(member.channels[k], member.grid, target, fill)
+                term *= member.weight / total_weight
+                channel = term if channel is None else np.add(channel, term, out=channel)
+            if self.kind == "regions":
+                labels[channel > 0.5] = self.region_labels[k]
+            elif best is None:
+                best = channel
+            else:
+                labels[channel > best] = LABELS[k]
+                np.maximum(best, channel, out=best)
         return labels
 
 
-def resample_channels(channels_zyx: list[np.ndarray], source: Grid, target: Grid, fill_values: list[float]) -> np.ndarray:
-    """Linear interpolation of each channel from `source` onto `target` (float32 [K, z, y, x])."""
-    out = np.empty((len(channels_zyx), *target.size_zyx), np.float32)
-    reference = target.reference_image()
-    for k, (channel, fill) in enumerate(zip(channels_zyx, fill_values)):
-        image = source.image_from_array(np.ascontiguousarray(channel, dtype=np.float32))
-        resampled = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, fill, sitk.sitkFloat32)
-        out[k] = sitk.GetArrayViewFromImage(resampled)
-    return out
+@dataclass(frozen=True)
+class Member:
+    """One model's probabilities in the output space's channels, on its own grid."""
+
+    weight: float
+    channels: list[np.ndarray]
+    grid: Grid
+
+
+def resample(channel_zyx: np.ndarray, source: Grid, target: Grid, fill_value: float) -> np.ndarray:
+    """Linear interpolation of one channel from `source` onto `target` (a new float32 zyx array)."""
+    image = source.image_from_array(np.ascontiguousarray(channel_zyx, dtype=np.float32))
+    resampled = sitk.Resample(image, target.reference_image(), sitk.Transform(), sitk.sitkLinear, fill_value,
+                              sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(resampled)
 
 
 def paste(labels_zyx: np.ndarray, slices_zyx: tuple[slice, slice, slice], ct_grid: Grid) -> sitk.Image:

@@ -16,7 +16,6 @@ Layout, beside `fold_0.onnx`:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelError
+from .recipe import file_sha256
 
 TENSORRT = "TensorrtExecutionProvider"
 STAMP_SCHEMA = 1
@@ -38,14 +38,6 @@ def engine_dir(model_path: Path) -> Path:
     """The folder holding a model's engine: `fold_0.onnx` → `fold_0.trt`, `fold_0.fp16.onnx` → `fold_0.fp16.trt`."""
     model_path = Path(model_path)
     return model_path.with_name(f"{model_path.stem}.trt")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def write_results_folder(root: Path, *, architecture: str = "PlainConvUNet", fol
         torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer",
                     "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": fold,
                                   "dataset_json": dataset},
-                    "inference_allowed_mirroring_axes": tuple(mirror_axes), "current_epoch": 1},
+                    "inference_allowed_mirroring_axes": tuple(mirror_axes) if mirror_axes else None,
+                    "current_epoch": 1},
                    folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
 

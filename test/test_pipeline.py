@@ -56,7 +56,8 @@ def test_report_records_stages_grids_and_labels(recipes):
     assert report["roi"]["method"] == "ct_extent"
     assert [m["name"] for m in report["models"]] == ["pet_threshold"]
     assert report["models"][0]["grid"]["spacing_xyz_mm"] == [2.0, 2.0, 2.0]
-    assert {"load_models", "locate_roi", "pet_threshold: sliding_window", "decode_and_postprocess"} <= set(report["stages_s"])
+    assert {"load_models", "locate_roi", "pet_threshold: sliding_window", "restore_to_ct_and_decode",
+            "postprocess"} <= set(report["stages_s"])
     assert report["labels"]["GTVp"]["components"] == 1 and report["labels"]["GTVn"]["voxels"] == 0
 
 
