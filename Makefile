@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_roi_sampling.py
+	$(BIN)/python bench/bench_nnunet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,8 +28,6 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "test")]
-from nnunet_folders import balance_classes, write_results_folder  # noqa: E402
-
 from hnseg_infer.phantom import make_phantom  # noqa: E402
 
 FEATURES = (16, 32, 64, 128, 256)
@@ -108,6 +106,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def build_model(folder: Path, case: list[Path], mirror: bool) -> tuple[Path, Path]:
+    # imported here: the routes' fresh processes re-import this module, and hnseg's must not load torch
+    from nnunet_folders import balance_classes, write_results_folder
+
     from hnseg_export import from_nnunet
 
     results = write_results_folder(folder / "nnUNet_results", features=FEATURES, patch_size=PATCH_ZYX,
