@@ -33,8 +33,8 @@ INTERPOLATION_BY_ORDER = {1: "linear", 3: "bspline"}
 
 def add_arguments(parser) -> None:
     parser.add_argument("results_dir", type=Path,
-                        help="nnU-Net trained model folder (e.g. .../Dataset001_X/nnUNetTrainer__nnUNetPlans__3d_fullres)"
-                             " holding plans.json, dataset.json and fold_k/<checkpoint>")
+                        help="nnU-Net trained model folder (e.g. .../Dataset001_X/nnUNetTrainer__nnUNetPlans__"
+                             "3d_fullres) holding plans.json, dataset.json and fold_k/<checkpoint>")
     parser.add_argument("--folds", nargs="+", default=None,
                         help="folds to export (default: every fold_k holding the checkpoint)")
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"checkpoint file name ({DEFAULT_CHECKPOINT})")
@@ -53,9 +53,9 @@ def add_arguments(parser) -> None:
 
 def export(args) -> Path:
     results = Path(args.results_dir)
+    roi = json_object(args.roi, "--roi")
     _check_folder(results, args.folds, args.checkpoint)
     predictor = _load_predictor(results, args.folds, args.checkpoint)
-    roi = json_object(args.roi, "--roi")
     plans, config = predictor.plans_manager, predictor.configuration_manager
     if config.previous_stage_name is not None:
         raise ExportError(f"{results}: configuration {_configuration_name(predictor)!r} is a cascade stage that takes "
@@ -127,8 +127,8 @@ def _load_predictor(results: Path, folds, checkpoint: str):
     try:
         predictor.initialize_from_trained_model_folder(str(results), use_folds, checkpoint_name=checkpoint)
     except (KeyError, AttributeError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as error:
-        # Unpickling/EOF: a damaged checkpoint; KeyError: one without network_weights/trainer_name; AttributeError: trainer class not found;
-        # RuntimeError: weights that do not fit the network the plans describe.
+        # Unpickling/EOF: a damaged checkpoint; KeyError: one without network_weights/trainer_name;
+        # AttributeError: trainer class not found; RuntimeError: weights that do not fit the network of the plans.
         raise ExportError(f"{results}: nnU-Net could not rebuild the trained network ({type(error).__name__}: "
                           f"{str(error)[:300]}): check that plans.json matches the checkpoints and that a custom "
                           f"trainer class is importable (installed in nnunetv2.training.nnUNetTrainer)") from error
@@ -137,7 +137,8 @@ def _load_predictor(results: Path, folds, checkpoint: str):
 
 def _configuration_name(predictor) -> str:
     for name in predictor.plans_manager.available_configurations:
-        if predictor.plans_manager.get_configuration(name).configuration == predictor.configuration_manager.configuration:
+        configuration = predictor.plans_manager.get_configuration(name).configuration
+        if configuration == predictor.configuration_manager.configuration:
             return name
     return "unknown"
 
@@ -204,7 +205,8 @@ def _head(label_manager) -> dict:
 def _source(results: Path, folds: list[str], checkpoint: str, predictor) -> dict:
     from importlib.metadata import version
 
-    return {"route": "nnunet", "nnunetv2": version("nnunetv2"), "results_dir": str(results.resolve()), "trainer": predictor.trainer_name,
+    return {"route": "nnunet", "nnunetv2": version("nnunetv2"), "results_dir": str(results.resolve()),
+            "trainer": predictor.trainer_name,
             "plans": predictor.plans_manager.plans_name, "configuration": _configuration_name(predictor),
             "labels": predictor.dataset_json.get("labels"),
             "sha256": {name: file_sha256(results / name) for name in

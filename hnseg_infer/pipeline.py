@@ -71,7 +71,8 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         del image_czyx
         members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid))
         models_record.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
-                              "patch_size_zyx": list(spec.patch_size_zyx), "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
+                              "patch_size_zyx": list(spec.patch_size_zyx),
+                              "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
     report.set("models", models_record)
 
     with report.stage("restore_to_ct_and_decode"):

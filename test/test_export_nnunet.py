@@ -228,3 +228,16 @@ def _edit_config(results: Path, **changes) -> None:
     plans = json.loads((results / "plans.json").read_text())
     plans["configurations"]["3d_fullres"].update(changes)
     (results / "plans.json").write_text(json.dumps(plans))
+
+
+def test_command_line_route_exports_and_fails_with_exit_2(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+    import to_onnx
+
+    results = write_results_folder(tmp_path / "r", folds=(0,))
+    assert to_onnx.main(["nnunet", str(results), "--out", str(tmp_path / "w"), "--fp16"]) == 0
+    (model,) = load_recipe(tmp_path / "w").models
+    assert [f.name for f in model.files] == ["fold_0.fp16.onnx"]
+    assert model.provenance["proof"]["fold_0.fp16.onnx"]["fp16"]["passed"]
+    assert to_onnx.main(["nnunet", str(tmp_path / "missing"), "--out", str(tmp_path / "w2")]) == 2
+    assert "plans.json not found" in capsys.readouterr().err and not (tmp_path / "w2").exists()
