@@ -30,15 +30,14 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArg
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from scipy.ndimage import zoom
 
+from hnseg_infer.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
 from hnseg_infer.errors import ExportError, HnsegError
-from hnseg_infer.recipe import ModelSpec, load_recipe
-from hnseg_infer.tensorrt import (CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir,
-                                  file_sha256, probe_platform)
+from hnseg_infer.recipe import ModelSpec, file_sha256, load_recipe
+from hnseg_infer.tensorrt import CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir, probe_platform
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-# The fp16 bar of hnseg_export.onnx_export: max |Δlogit| within TOLERANCE × max(1, largest |logit|), and the
-# predicted class (argmax, or each region's sign) the same on MIN_AGREEMENT of the voxels.
-TOLERANCE, MIN_AGREEMENT = 5e-2, 0.99
+# The fp16 bar of the exports (hnseg_infer.agreement): an fp16 engine against the fp32 ONNX on CUDA.
+TOLERANCE, MIN_AGREEMENT = TOLERANCE_FP16, MIN_AGREEMENT_FP16
 _ORT_ERRORS = (Fail, EPFail, InvalidArgument, InvalidGraph, RuntimeException, OrtNotImplemented)
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -154,15 +153,7 @@ def prove(context_path: Path, reference: ort.InferenceSession, batch: np.ndarray
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, *, head: str) -> dict:
-    diff = float(np.abs(reference - candidate).max())
-    scale = float(np.abs(reference).max())
-    if head == "softmax":
-        agreement = float((reference.argmax(1) == candidate.argmax(1)).mean())
-    else:
-        agreement = float(((reference > 0) == (candidate > 0)).mean())
-    allowed = TOLERANCE * max(1.0, scale)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "agreement": agreement, "tolerance": allowed,
-            "min_agreement": MIN_AGREEMENT, "passed": bool(diff <= allowed and agreement >= MIN_AGREEMENT)}
+    return compare_logits(reference, candidate, head=head, tolerance=TOLERANCE, min_agreement=MIN_AGREEMENT)
 
 
 def proof_input(shape_nczyx, *, dtype=np.float32, seed: int = 0) -> np.ndarray:

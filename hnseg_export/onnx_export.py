@@ -14,6 +14,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from hnseg_infer.agreement import (MIN_AGREEMENT_FP16, MIN_AGREEMENT_FP32, TOLERANCE_FP16, TOLERANCE_FP32,
+                                    compare_logits)
 from hnseg_infer.errors import ExportError, HnsegError
 from hnseg_infer.recipe import RECIPE_FILE, SCHEMA_VERSION, load_recipe
 
@@ -22,10 +24,6 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # fp16 keeps these in fp32: normalisation statistics over a whole tile overflow or lose precision in fp16.
 FP32_OPS = ["InstanceNormalization", "LayerNormalization", "GroupNormalization", "BatchNormalization",
             "ReduceMean", "ReduceSumSquare", "Pow", "Sqrt", "Softmax", "Sigmoid", "Exp"]
-# A proof passes when the largest logit difference is within TOLERANCE × max(1, largest |logit|) and the
-# predicted class (argmax, or each region's sign) agrees on at least MIN_AGREEMENT of the voxels.
-TOLERANCE_FP32, MIN_AGREEMENT_FP32 = 1e-3, 0.999
-TOLERANCE_FP16, MIN_AGREEMENT_FP16 = 5e-2, 0.99
 
 
 class FirstOutput(torch.nn.Module):
@@ -73,20 +71,6 @@ def proof_input(n_channels: int, patch_zyx, *, batch: int = 2, seed: int = 0) ->
     coarse = rng.normal(size=(batch, n_channels, *[max(2, p // 8) for p in patch_zyx])).astype(np.float32)
     x = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=tuple(patch_zyx), mode="trilinear")
     return (x.numpy() + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
-
-
-def compare_logits(reference: np.ndarray, candidate: np.ndarray, *, head: str, tolerance: float,
-                   min_agreement: float) -> dict:
-    """Max |Δlogit| and class agreement of two [N, K, z, y, x] logit arrays; `passed` applies the thresholds."""
-    diff = float(np.abs(reference - candidate).max())
-    scale = float(np.abs(reference).max())
-    if head == "softmax":
-        agreement = float((reference.argmax(1) == candidate.argmax(1)).mean())
-    else:
-        agreement = float(((reference > 0) == (candidate > 0)).mean())
-    return {"max_abs_logit_diff": diff, "max_abs_logit": scale, "agreement": agreement,
-            "tolerance": tolerance * max(1.0, scale), "min_agreement": min_agreement,
-            "passed": bool(diff <= tolerance * max(1.0, scale) and agreement >= min_agreement)}
 
 
 def prove(network: torch.nn.Module, onnx_path: Path, *, n_channels: int, patch_zyx, head: str) -> dict:
