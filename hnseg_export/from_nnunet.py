@@ -54,6 +54,8 @@ def add_arguments(parser) -> None:
 def export(args) -> Path:
     results = Path(args.results_dir)
     roi = json_object(args.roi, "--roi")
+    if args.tile_batch < 1:
+        raise ExportError(f"--tile-batch must be >= 1, got {args.tile_batch}")
     _check_folder(results, args.folds, args.checkpoint)
     predictor = _load_predictor(results, args.folds, args.checkpoint)
     plans, config = predictor.plans_manager, predictor.configuration_manager
@@ -94,7 +96,11 @@ def _check_folder(results: Path, folds, checkpoint: str) -> None:
         if not (results / required).is_file():
             raise ExportError(f"{results / required} not found: pass the nnU-Net trained model folder (the one "
                               f"holding plans.json, dataset.json and fold_0 ...), not the dataset or results root")
-    dataset = json.loads((results / "dataset.json").read_text())
+    try:
+        dataset = json.loads((results / "dataset.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{results / 'dataset.json'} is not valid JSON ({error}): restore it from the "
+                          f"nnU-Net_raw dataset folder") from error
     values = {v for name, value in dataset.get("labels", {}).items() if name != "ignore"
               for v in (value if isinstance(value, list) else [value])}
     if not values <= {0, 1, 2}:

@@ -202,6 +202,8 @@ def test_regions_become_a_sigmoid_head(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda r: (r / "plans.json").unlink(), "plans.json not found"),
+    (lambda r: (r / "dataset.json").write_text("{"), "dataset.json is not valid JSON"),
+    (lambda r: (r / "plans.json").write_text("{"), "could not rebuild"),
     (lambda r: (r / "fold_0" / "checkpoint_final.pth").unlink(), "fold_0/checkpoint_final.pth not found"),
     (lambda r: (r / "fold_1" / "checkpoint_final.pth").write_bytes(b"not a checkpoint"), "could not rebuild"),
     (lambda r: _edit(r / "dataset.json", labels={"background": 0, "GTVp": 1, "GTVn": 2, "other": 3}),
@@ -241,3 +243,5 @@ def test_command_line_route_exports_and_fails_with_exit_2(tmp_path, capsys):
     assert model.provenance["proof"]["fold_0.fp16.onnx"]["fp16"]["passed"]
     assert to_onnx.main(["nnunet", str(tmp_path / "missing"), "--out", str(tmp_path / "w2")]) == 2
     assert "plans.json not found" in capsys.readouterr().err and not (tmp_path / "w2").exists()
+    assert to_onnx.main(["nnunet", str(results), "--out", str(tmp_path / "w3"), "--tile-batch", "0"]) == 2
+    assert "--tile-batch must be >= 1" in capsys.readouterr().err and not (tmp_path / "w3").exists()
