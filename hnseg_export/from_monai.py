@@ -35,12 +35,11 @@ from pathlib import Path
 
 import torch
 
-from hnseg_infer.errors import ExportError, RecipeError
-from hnseg_infer.postprocess import PostprocessConfig
+from hnseg_infer.errors import ExportError
 from hnseg_infer.recipe import file_sha256
-from hnseg_infer.roi import check_params
 
-from .onnx_export import export_folds, json_object, staged_weights, write_recipe
+from .onnx_export import (SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
+                          staged_weights, write_recipe)
 
 NETWORK_CLASSES = ("monai.networks.nets.segresnet_ds.SegResNetDS", "monai.networks.nets.segresnet.SegResNet")
 INFERER_CLASSES = ("monai.inferers.inferer.SlidingWindowInferer", "monai.inferers.inferer.SlidingWindowInfererAdapt")
@@ -52,7 +51,6 @@ BUNDLE_CONFIGS = ("configs/inference.json", "configs/inference.yaml", "configs/i
 BUNDLE_WEIGHTS = "models/model.pt"
 IMAGE_KEY = "image"  # the key MONAI's evaluators feed to the network
 TRANSPOSE_XYZ = [2, 1, 0]  # grid axes (z, y, x) → MONAI's array order (x, y, z)
-SHOWN = 5  # keys listed in an error message
 # Bundle transforms that neither move voxels nor change values on our path (loading, typing, bookkeeping).
 NEUTRAL_TRANSFORMS = ("LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "ToTensord", "ToDeviced", "DeleteItemsd",
                       "Identityd", "EnsureSameShaped", "ResampleToMatchd")
@@ -565,17 +563,8 @@ def _network(class_path: str, kwargs: dict, state_dict: dict, path: Path) -> tor
                           f"({type(error).__name__}: {error})") from error
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    try:
-        result = network.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ExportError(f"{path}: the weights do not fit {class_path} built from the config "
-                          f"({str(error).splitlines()[-1].strip()}): the checkpoint and its config disagree") from error
-    if result.missing_keys or result.unexpected_keys:
-        raise ExportError(f"{path}: the weights do not fit {class_path} built from the config: "
-                          f"{len(result.missing_keys)} missing key(s) {result.missing_keys[:SHOWN]}, "
-                          f"{len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:SHOWN]}: the "
-                          f"checkpoint and its config disagree")
-    return network.eval()
+    return load_strictly(network, state_dict, source=f"{path}: the weights ({class_path} built from the config)",
+                         fix="The checkpoint and its config disagree")
 
 
 def _window(kwargs: dict, roi_size: list[int], where: str) -> dict:
@@ -697,13 +686,7 @@ def _torch_load(path: Path, *, trust: bool):
 def _roi_and_postprocess(roi_text: str, postprocess_text: str) -> tuple[dict, dict]:
     """Checked before the slow export: a typo costs seconds."""
     roi, postprocess = json_object(roi_text, "--roi"), json_object(postprocess_text, "--postprocess")
-    if not isinstance(roi.get("method"), str) or set(roi) - {"method", "params"}:
-        raise ExportError(f"--roi {roi_text}: give {{\"method\": NAME, \"params\": {{...}}}} (params optional)")
-    try:
-        check_params(roi["method"], roi.get("params", {}))
-        PostprocessConfig.from_dict(postprocess)
-    except RecipeError as error:
-        raise ExportError(f"--roi/--postprocess: {error}") from error
+    check_roi_and_postprocess(roi, postprocess)
     return roi, postprocess
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from hnseg_infer.errors import ExportError
 from hnseg_infer.recipe import file_sha256
 
-from .onnx_export import export_folds, json_object, staged_weights, write_recipe
+from .onnx_export import check_roi_and_postprocess, export_folds, json_object, staged_weights, write_recipe
 
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 # dataset.json channel name (lower case) → hnseg channel source
@@ -54,17 +54,17 @@ def add_arguments(parser) -> None:
 def export(args) -> Path:
     results = Path(args.results_dir)
     roi = json_object(args.roi, "--roi")
+    check_roi_and_postprocess(roi, {})
     if args.tile_batch < 1:
         raise ExportError(f"--tile-batch must be >= 1, got {args.tile_batch}")
-    _check_folder(results, args.folds, args.checkpoint)
-    predictor = _load_predictor(results, args.folds, args.checkpoint)
+    folds = _check_folder(results, args.folds, args.checkpoint)
+    predictor = _load_predictor(results, folds, args.checkpoint)
     plans, config = predictor.plans_manager, predictor.configuration_manager
     if config.previous_stage_name is not None:
         raise ExportError(f"{results}: configuration {_configuration_name(predictor)!r} is a cascade stage that takes "
                           f"the segmentation of {config.previous_stage_name!r} as input; export a 3d_fullres or "
                           f"3d_lowres model instead")
     name = args.name or f"{plans.dataset_name}_{_configuration_name(predictor)}".lower()
-    folds = _fold_names(results, args.folds, args.checkpoint)
     networks = {}
     for fold, parameters in zip(folds, predictor.list_of_parameters):
         network = copy.deepcopy(predictor.network)
@@ -90,8 +90,9 @@ def export(args) -> Path:
     return Path(args.out)
 
 
-def _check_folder(results: Path, folds, checkpoint: str) -> None:
-    """Name the missing piece before nnU-Net fails on it with a bare FileNotFoundError."""
+def _check_folder(results: Path, folds, checkpoint: str) -> list[str]:
+    """The fold folder names to export; names the missing piece before nnU-Net fails on it with a bare
+    FileNotFoundError."""
     for required in ("plans.json", "dataset.json"):
         if not (results / required).is_file():
             raise ExportError(f"{results / required} not found: pass the nnU-Net trained model folder (the one "
@@ -110,6 +111,7 @@ def _check_folder(results: Path, folds, checkpoint: str) -> None:
     if not found:
         raise ExportError(f"{results}: no fold_*/{checkpoint}: pass --checkpoint (e.g. checkpoint_best.pth) or "
                           f"train a fold first")
+    return found
 
 
 def _fold_names(results: Path, folds, checkpoint: str) -> list[str]:
@@ -122,14 +124,14 @@ def _fold_names(results: Path, folds, checkpoint: str) -> list[str]:
     return names
 
 
-def _load_predictor(results: Path, folds, checkpoint: str):
+def _load_predictor(results: Path, folds: list[str], checkpoint: str):
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 device=torch.device("cpu"), perform_everything_on_device=False, verbose=False,
                                 allow_tqdm=False)
-    use_folds = [int(f[len("fold_"):]) if f != "fold_all" else "all" for f in _fold_names(results, folds, checkpoint)]
+    use_folds = [int(f[len("fold_"):]) if f != "fold_all" else "all" for f in folds]
     try:
         predictor.initialize_from_trained_model_folder(str(results), use_folds, checkpoint_name=checkpoint)
     except (KeyError, AttributeError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as error:

@@ -24,18 +24,15 @@ import onnx
 import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
-from hnseg_infer.postprocess import PostprocessConfig
 from hnseg_infer.recipe import ModelSpec, file_sha256
 from hnseg_infer.recipe import parse_model as validate_model_entry
-from hnseg_infer.roi import check_params
 
-from .onnx_export import (OUTPUT_NAME, export_folds, json_object, proof_input, run_onnx, staged_weights,
-                          write_recipe)
+from .onnx_export import (OUTPUT_NAME, SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
+                          proof_input, run_onnx, staged_weights, write_recipe)
 
 CONTAINER_KEYS = ("state_dict", "model", "network_weights")  # Lightning/our trainers, common scripts, nnU-Net
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DistributedDataParallel, torch.compile
 ROUTE_KEYS = ("files", "provenance")  # what the route writes into the model entry itself
-SHOWN = 5  # keys listed in an error message
 
 
 def add_arguments(parser) -> None:
@@ -88,7 +85,8 @@ def _load_folds(network_class: type, kwargs: dict, paths: dict[str, Path], *, mo
     for fold, path in paths.items():
         state_dict, unwrapped = read_state_dict(path)
         networks[fold] = _build(network_class, kwargs, module)
-        load_strictly(networks[fold], state_dict, path=path, module=module)
+        load_strictly(networks[fold], state_dict, source=f"--state-dict {path} ({module} built with these --kwargs)",
+                      fix="Check --module/--kwargs against the training run")
         sources[fold] = {"file": str(path), "sha256": file_sha256(path), "unwrapped": unwrapped}
     return networks, sources
 
@@ -124,18 +122,7 @@ def _validate_early(spec: dict, roi: dict, postprocess: dict, *, spec_path: Path
                     fold_names: list[str]) -> ModelSpec:
     """The recipe validator on the spec (with placeholder files), the ROI and the post-processing: a mistake
     there costs seconds, not an export. Returns the validated model entry."""
-    method = roi.get("method")
-    if not isinstance(method, str) or set(roi) - {"method", "params"} or not isinstance(roi.get("params", {}), dict):
-        raise ExportError(f"--roi {json.dumps(roi)}: give {{\"method\": NAME, \"params\": {{...}}}} (params "
-                          f"optional)")
-    try:
-        check_params(method, roi.get("params", {}))
-    except RecipeError as error:
-        raise ExportError(f"--roi: {error}") from error
-    try:
-        PostprocessConfig.from_dict(postprocess)
-    except RecipeError as error:
-        raise ExportError(f"--postprocess: {error}") from error
+    check_roi_and_postprocess(roi, postprocess)
     with tempfile.TemporaryDirectory() as folder:
         files = [f"{fold}.onnx" for fold in fold_names]
         for file in files:
@@ -256,23 +243,6 @@ def _unpickler_reason(error: Exception) -> str:
     """torch's weights_only message is a page of advice; its cause is the line after 'WeightsUnpickler error:'."""
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|\.\s|$)", str(error))
     return match.group(1).strip() if match else type(error).__name__
-
-
-def load_strictly(network: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, path: Path, module: str) -> None:
-    """Every parameter and buffer present with its shape, nothing else; ExportError listing the first few."""
-    expected = network.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    reshaped = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
-                if key in state_dict and state_dict[key].shape != value.shape]
-    problems = [f"{len(keys)} {what}: {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("with another shape (file vs network)", reshaped)) if keys]
-    if problems:
-        raise ExportError(f"--state-dict {path} does not fit {module} built with these --kwargs: "
-                          f"{'; '.join(problems)}. Check --module/--kwargs against the training run")
-    network.load_state_dict(state_dict, strict=True)
-    network.eval()
 
 
 # ------------------------------------------------------------------------------------------------ after export

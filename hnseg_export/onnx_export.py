@@ -17,8 +17,12 @@ import torch
 from hnseg_infer.agreement import (MIN_AGREEMENT_FP16, MIN_AGREEMENT_FP32, TOLERANCE_FP16, TOLERANCE_FP32,
                                     compare_logits)
 from hnseg_infer.errors import ExportError, HnsegError
+from hnseg_infer.errors import RecipeError
+from hnseg_infer.postprocess import PostprocessConfig
 from hnseg_infer.recipe import RECIPE_FILE, SCHEMA_VERSION, load_recipe
+from hnseg_infer.roi import check_params
 
+SHOWN = 5  # keys listed in an error message
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 # fp16 keeps these in fp32: normalisation statistics over a whole tile overflow or lose precision in fp16.
@@ -179,6 +183,39 @@ def json_object(text: str, option: str) -> dict:
     if not isinstance(value, dict):
         raise ExportError(f"{option} must be a JSON object {{...}}, got {type(value).__name__} {text!r}")
     return value
+
+
+def check_roi_and_postprocess(roi: dict, postprocess: dict) -> None:
+    """The --roi and --postprocess objects, checked by the runtime's own validators before the slow export."""
+    method = roi.get("method")
+    if not isinstance(method, str) or set(roi) - {"method", "params"} or not isinstance(roi.get("params", {}), dict):
+        raise ExportError(f"--roi {json.dumps(roi)}: give {{\"method\": NAME, \"params\": {{...}}}} (params "
+                          f"optional)")
+    try:
+        check_params(method, roi.get("params", {}))
+    except RecipeError as error:
+        raise ExportError(f"--roi: {error}") from error
+    try:
+        PostprocessConfig.from_dict(postprocess)
+    except RecipeError as error:
+        raise ExportError(f"--postprocess: {error}") from error
+
+
+def load_strictly(network: torch.nn.Module, state_dict: dict, *, source: str, fix: str) -> torch.nn.Module:
+    """Every parameter and buffer present with its shape, nothing else, or an ExportError naming `source`, listing
+    the first few problems and ending with `fix`. Returns the network in eval mode."""
+    expected = network.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    reshaped = [f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}" for key, value in expected.items()
+                if key in state_dict and state_dict[key].shape != value.shape]
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("with another shape (file vs network)", reshaped)) if keys]
+    if problems:
+        raise ExportError(f"{source} does not fit {type(network).__name__}: {'; '.join(problems)}. {fix}")
+    network.load_state_dict(state_dict, strict=True)
+    return network.eval()
 
 
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],

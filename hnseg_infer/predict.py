@@ -29,12 +29,12 @@ def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
     """float32 [C, z, y, x]: each channel sampled once from its native image, then its ops applied."""
     images: dict[str, sitk.Image] = {"ct": case.ct, "pet": case.pet}
     sampled: dict[tuple[str, str], np.ndarray] = {}  # the same source/interpolation is sampled once per model
+    suv_factor = case.pet_unit.suv_per_stored_value
     channels = []
     for channel in spec.channels:
         if channel.source == "zero":
             channels.append(np.zeros(grid.size_zyx, dtype=np.float32))
             continue
-        suv_factor = case.pet_unit.suv_per_stored_value
         if channel.ops_before_sampling:
             channels.append(_ops_then_sample(images[channel.source], grid, channel, suv_factor))
             continue
@@ -55,10 +55,8 @@ def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_fa
     margin = 3  # interpolation support beyond the grid's box
     lo = np.maximum(np.floor(index_xyz.min(axis=0)).astype(int) - margin, 0)
     hi = np.minimum(np.ceil(index_xyz.max(axis=0)).astype(int) + margin + 1, native.size_xyz)
-    if np.any(hi <= lo):  # the grid lies wholly outside the image
-        return np.full(grid.size_zyx, apply_ops(np.float32([FILL_VALUE[channel.source]]), channel.ops,
-                                                 suv_per_stored_value=suv_factor)[0], np.float32)
-    whole = np.array_equal(lo, 0) and np.array_equal(hi, native.size_xyz)
+    # the whole image when the box covers it, or misses it entirely (then every grid voxel takes the fill)
+    whole = np.any(hi <= lo) or (np.array_equal(lo, 0) and np.array_equal(hi, native.size_xyz))
     region = image if whole else image[int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
     # a view, not a copy: the ops make their own arrays (a native CT is ~0.25 GB in float32)
     values = apply_ops(sitk.GetArrayViewFromImage(region), channel.ops, suv_per_stored_value=suv_factor)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid
+from .grid import Grid, sample
 from .recipe import HeadSpec, ModelSpec
 
 LABELS = (0, 1, 2)
@@ -59,7 +59,8 @@ class OutputSpace:
         for k, fill in enumerate(self.fill_values()):
             channel = None
             for member in members:
-                term = resample(member.channels[k], member.grid, target, fill)
+                image = member.grid.image_from_array(np.ascontiguousarray(member.channels[k], dtype=np.float32))
+                term = sample(image, target, interpolation="linear", fill_value=fill)
                 term *= member.weight / total_weight
                 channel = term if channel is None else np.add(channel, term, out=channel)
             if self.kind == "regions":
@@ -79,14 +80,6 @@ class Member:
     weight: float
     channels: list[np.ndarray]
     grid: Grid
-
-
-def resample(channel_zyx: np.ndarray, source: Grid, target: Grid, fill_value: float) -> np.ndarray:
-    """Linear interpolation of one channel from `source` onto `target` (a new float32 zyx array)."""
-    image = source.image_from_array(np.ascontiguousarray(channel_zyx, dtype=np.float32))
-    resampled = sitk.Resample(image, target.reference_image(), sitk.Transform(), sitk.sitkLinear, fill_value,
-                              sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(resampled)
 
 
 def paste(labels_zyx: np.ndarray, slices_zyx: tuple[slice, slice, slice], ct_grid: Grid) -> sitk.Image:

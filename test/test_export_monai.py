@@ -434,7 +434,7 @@ def _checkpoints(root: Path, configs: list[dict], *, state_dict_edit=None) -> li
 
 @pytest.mark.parametrize("change, argv, message", [
     (lambda c: {**c, "network": {**c["network"], "_target_": "UNet"}}, [], "supported: monai.networks.nets"),
-    ("missing", [], r"1 missing key\(s\) \['encoder.conv_init.weight'\]"),
+    ("missing", [], r"1 missing: encoder.conv_init.weight"),
     ("folds", [], "differ in \\['intensity_bounds'\\]"),
     (lambda c: {**c, "normalize_mode": "zscore_robust"}, [], "normalize_mode 'zscore_robust' .*has no recipe"),
     (lambda c: {**c, "input_channels": 3, "extra_modalities": {}, "normalize_mode": "pet",
