@@ -20,6 +20,7 @@ import pickle
 from pathlib import Path
 
 from hnseg_infer.errors import ExportError
+from hnseg_infer.intensity import validate_ops
 from hnseg_infer.recipe import file_sha256
 
 from .onnx_export import check_roi_and_postprocess, export_folds, json_object, staged_weights, write_recipe
@@ -44,6 +45,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pet-values", choices=("suv", "stored"), default="suv",
                         help="what the PET channel held in training: SUV (default: inputs in Bq/mL are converted "
                              "to SUV first) or the stored values as they are")
+    parser.add_argument("--channel-ops", default=None, metavar="JSON",
+                        help="what made each training input channel from its source before nnU-Net saw it: a JSON "
+                             "list with one list of recipe ops per channel (e.g. [[{\"op\": \"power\", "
+                             "\"exponent\": 2}]] for a squared CT), applied before the plans' normalisation")
     parser.add_argument("--roi", default='{"method": "ct_extent"}',
                         help="the recipe's ROI as JSON (default: the whole CT, as nnU-Net predicts)")
     parser.add_argument("--tile-batch", type=int, default=2, help="tiles per network call (default 2)")
@@ -70,7 +75,8 @@ def export(args) -> Path:
         network = copy.deepcopy(predictor.network)
         network.load_state_dict(parameters)
         networks[fold] = network.eval()
-    channels = _channels(predictor, args.channel_sources, args.pet_values)
+    channels = _channels(predictor, args.channel_sources, args.pet_values,
+                         _channel_ops(args.channel_ops))
     head = _head(predictor.label_manager)
     with staged_weights(args.out, overwrite=args.overwrite) as staging:
         files, provenance = export_folds(networks, staging, n_channels=len(channels),
@@ -159,7 +165,19 @@ def _spacing_xyz_mm(spacing_network_order, transpose_forward) -> list[float]:
     return spacing_zyx[::-1]
 
 
-def _channels(predictor, sources, pet_values: str) -> list[dict]:
+def _channel_ops(text: str | None) -> list | None:
+    if text is None:
+        return None
+    try:
+        ops = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"--channel-ops is not valid JSON ({exc}): give a list of op lists, one per channel") from exc
+    if not isinstance(ops, list) or not all(isinstance(channel, list) for channel in ops):
+        raise ExportError(f"--channel-ops must be a JSON list of op lists (one per channel), got {text!r}")
+    return ops
+
+
+def _channels(predictor, sources, pet_values: str, channel_ops: list | None = None) -> list[dict]:
     names = predictor.dataset_json.get("channel_names", predictor.dataset_json.get("modality", {}))
     names = [str(names[k]) for k in sorted(names, key=int)]
     if sources is None:
@@ -174,10 +192,16 @@ def _channels(predictor, sources, pet_values: str) -> list[dict]:
     config, plans = predictor.configuration_manager, predictor.plans_manager
     order = config.configuration.get("resampling_fn_data_kwargs", {}).get("order", 3)
     interpolation = INTERPOLATION_BY_ORDER.get(order, "bspline")
+    if channel_ops is not None and len(channel_ops) != len(names):
+        raise ExportError(f"--channel-ops gives {len(channel_ops)} op lists but dataset.json has {len(names)} "
+                          f"channels {names}")
     channels = []
     for index, (name, source) in enumerate(zip(names, sources)):
         scheme = config.normalization_schemes[index]
-        ops = [{"op": "suv"}] if source == "pet" and pet_values == "suv" else []
+        made = list(validate_ops(channel_ops[index], source=source, where=f"--channel-ops[{index}] ({name})")
+                    if channel_ops is not None else ())
+        converts = source == "pet" and pet_values == "suv" and not any(op["op"] == "suv" for op in made)
+        ops = [{"op": "suv"}] * converts + made
         ops += _normalisation(scheme, config.use_mask_for_norm[index],
                               plans.foreground_intensity_properties_per_channel.get(str(index)), name)
         channels.append({"source": source, "interpolation": interpolation, "ops": ops, "ops_before_sampling": True})

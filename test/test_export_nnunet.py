@@ -24,7 +24,7 @@ from nnunet_folders import balance_classes, preprocessed, write_results_folder  
 
 from hnseg_export import from_nnunet  # noqa: E402
 from hnseg_infer.engine import OnnxModel  # noqa: E402
-from hnseg_infer.errors import ExportError  # noqa: E402
+from hnseg_infer.errors import ExportError, HnsegError  # noqa: E402
 from hnseg_infer.pipeline import predict_files  # noqa: E402
 from hnseg_infer.recipe import load_recipe  # noqa: E402
 from hnseg_infer.sliding_window import predict_sliding_window  # noqa: E402
@@ -198,6 +198,23 @@ def test_regions_become_a_sigmoid_head(tmp_path):
     (model,) = load_recipe(_export(results, tmp_path / "w")).models
     assert model.head.type == "sigmoid"
     assert model.head.regions == ((1, 2), (2,)) and model.head.region_labels == (1, 2)
+
+
+def test_channel_ops_come_before_the_plans_normalisation(tmp_path):
+    """Inputs the user computed before nnU-Net (x², a PET window) are rebuilt from the native image, then
+    normalised as the plans say; a PET channel that converts to SUV itself is not converted twice."""
+    results = write_results_folder(tmp_path / "r", folds=(0,))
+    ops = [[{"op": "window", "min": -110, "max": 190, "to": [-1, 1]}, {"op": "power", "exponent": 2}],
+           [{"op": "suv"}, {"op": "window", "min": 0, "max": 20, "to": [0, 1]}]]
+    (model,) = load_recipe(_export(results, tmp_path / "w", "--channel-ops", json.dumps(ops))).models
+    ct, pet = (list(channel.ops) for channel in model.channels)
+    assert ct[:2] == ops[0] and ct[2]["op"] == "nnunet_ct" and len(ct) == 3
+    assert pet[:2] == ops[1] and pet[2] == {"op": "zscore", "over": "all"} and len(pet) == 3
+    for bad, message in (("[[]]", "gives 1 op lists but dataset.json has 2"), ("[[{\"op\": \"cube\"}], []]",
+                         "unknown op 'cube'"), ("{", "--channel-ops is not valid JSON")):
+        with pytest.raises(HnsegError, match=message):
+            _export(results, tmp_path / "w2", "--channel-ops", bad)
+        assert not (tmp_path / "w2").exists()
 
 
 @pytest.mark.parametrize("damage, message", [
