@@ -1,7 +1,8 @@
 """The library API: one PET/CT case in, a validated mask on the exact CT grid out, with its run report.
 
-read → validate → locate ROI → per model: grid, channels, sliding window, folds → ensemble and decode on the CT
-voxels inside the ROI (one output channel at a time) → post-process → paste into the CT grid → validate.
+read → validate → per stage of the recipe: locate its ROI (from the images, or from the labels of the stage before)
+→ per model: grid, channels, sliding window, folds → ensemble. The last stage's ensemble is decoded on the CT voxels
+inside its ROI (one output channel at a time) → post-process → paste into the CT grid → validate.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from .errors import InputError
 from .io import Case, load_case, validate_mask
 from .postprocess import postprocess
 from .predict import build_input, load_folds, model_grid, predict_probabilities
-from .recipe import Recipe
+from .recipe import Recipe, StageSpec
 from .report import RunReport, label_volumes
 from .restore import Member, OutputSpace, paste
-from .roi import locate_roi
+from .roi import StageLabels, locate_roi
 
 
 @dataclass
@@ -46,46 +47,75 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     for fallback in {line for models in folds.values() for m in models for line in m.fallbacks}:
         report.fallback(fallback)
 
-    with report.stage("locate_roi"):
-        roi = locate_roi(recipe.roi.method, ct=case.ct, pet=case.pet,
-                         suv_per_stored_value=case.pet_unit.suv_per_stored_value, params=recipe.roi.params)
-    report.set("roi", {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(),
-                       "record": roi.record})
-    for warning in roi.warnings:
-        report.warn(warning)
+    previous = None
+    for index, stage in enumerate(recipe.stages):
+        prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
+        roi = _locate(case, stage, previous, report, prefix)
+        members = _run_models(case, stage, folds, roi.box, report, prefix)
+        if index < len(recipe.stages) - 1:
+            previous = _stage_labels(stage, members, roi.box, report, prefix)
+            del members
+
     cropped = ct_grid.crop_to(roi.box)
     if cropped is None:
         raise InputError(f"the ROI found by {roi.method!r} ({roi.box.to_dict()}) holds no voxel of CT "
                          f"{case.ct_path}: check the CT's origin and direction")
     roi_grid, roi_slices_zyx = cropped
     report.set("roi_grid", roi_grid.to_dict())
-
-    space = OutputSpace.for_models(recipe.models)
-    members, models_record = [], []
-    for spec in recipe.models:
-        grid = model_grid(spec, roi.box, ct_grid)
-        with report.stage(f"{spec.name}: sample_and_normalise"):
-            image_czyx = build_input(case, grid, spec)
-        with report.stage(f"{spec.name}: sliding_window"):
-            probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
-        del image_czyx
-        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid))
-        models_record.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
-                              "patch_size_zyx": list(spec.patch_size_zyx),
-                              "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
-    report.set("models", models_record)
-
     with report.stage("restore_to_ct_and_decode"):
-        labels_zyx = space.decode_ensemble(members, roi_grid)
+        labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, roi_grid)
     del members
     with report.stage("postprocess"):
         labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm,
-                                              config=recipe.postprocess)
+                                              config=stage.postprocess)
     report.set("postprocess", post_record)
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
     validate_mask(mask, ct_grid)
     report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
     return Prediction(mask, report)
+
+
+def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):
+    with report.stage(f"{prefix}locate_roi"):
+        roi = locate_roi(stage.roi.method, ct=case.ct, pet=case.pet, previous=previous,
+                         suv_per_stored_value=case.pet_unit.suv_per_stored_value, params=stage.roi.params)
+    record = {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(), "record": roi.record}
+    report.stage_record(stage.name)["roi"] = record
+    report.set("roi", record)  # the last stage's: the box the mask comes from
+    for warning in roi.warnings:
+        report.warn(warning)
+    return roi
+
+
+def _stage_labels(stage: StageSpec, members: list[Member], roi_box, report: RunReport, prefix: str) -> StageLabels:
+    """An earlier stage's labels, decoded on its first model's grid (the next ROI needs nothing finer)."""
+    grid = members[0].grid
+    with report.stage(f"{prefix}decode"):
+        labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, grid)
+        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm,
+                                              config=stage.postprocess)
+    record = report.stage_record(stage.name)
+    record["postprocess"] = post_record
+    record["labels"] = label_volumes(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm)
+    return StageLabels(stage.name, labels_zyx, grid, roi_box)
+
+
+def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunReport, prefix: str) -> list[Member]:
+    """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
+    space = OutputSpace.for_models(stage.models)
+    members, records = [], []
+    for spec in stage.models:
+        grid = model_grid(spec, roi_box, case.ct_grid)
+        with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
+            image_czyx = build_input(case, grid, spec)
+        with report.stage(f"{prefix}{spec.name}: sliding_window"):
+            probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
+        del image_czyx
+        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid))
+        records.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
+                        "patch_size_zyx": list(spec.patch_size_zyx), "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
+    report.stage_record(stage.name)["models"] = records
+    return members
 
 
 def predict_files(ct_path: Path, pet_path: Path, recipe: Recipe, *, device: str = "auto",

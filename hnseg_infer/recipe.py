@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import RecipeError
 from .intensity import SOURCES, validate_ops
 from .postprocess import PostprocessConfig
-from .roi import check_params
+from .roi import NEEDS_PREVIOUS_STAGE, check_params
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -91,18 +91,36 @@ class RoiSpec:
 
 
 @dataclass(frozen=True)
-class Recipe:
-    path: Path
+class StageSpec:
+    """One stage of a cascade: an ROI, the models run in it, and the post-processing of their labels. Each stage's
+    labels feed the next stage's ROI; the last stage's labels are the mask."""
+
     name: str
     roi: RoiSpec
     models: tuple[ModelSpec, ...]
     postprocess: PostprocessConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    stages: tuple[StageSpec, ...]
     sha256: str
 
+    @property
+    def models(self) -> tuple[ModelSpec, ...]:
+        return tuple(m for stage in self.stages for m in stage.models)
+
+    @property
+    def postprocess(self) -> PostprocessConfig:
+        return self.stages[-1].postprocess
+
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "name": self.name, "sha256": self.sha256, "roi": self.roi.method,
-                "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256)}
-                           for m in self.models]}
+        return {"path": str(self.path), "name": self.name, "sha256": self.sha256,
+                "stages": [{"name": stage.name, "roi": stage.roi.method,
+                            "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256)}
+                                       for m in stage.models]} for stage in self.stages]}
 
 
 class _Reader:
@@ -283,7 +301,6 @@ def load_recipe(weights_dir: Path) -> Recipe:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path} is not valid JSON ({exc}): fix or re-export it") from exc
     where = str(path)
-    keys = ("schema_version", "name", "description", "roi", "models", "postprocess")
     r = _Reader(raw, where)
     version = r.take("schema_version", kind=int)
     if version != SCHEMA_VERSION:
@@ -291,6 +308,26 @@ def load_recipe(weights_dir: Path) -> Recipe:
                           f"re-export the weights with this version's export/to_onnx.py")
     name = r.take("name", kind=str)
     r.take("description", default="", kind=str)
+    if "stages" in r.obj:  # a cascade
+        stage_objs = r.take("stages", kind=list)
+        if not stage_objs:
+            raise RecipeError(f"{where}: 'stages' is empty")
+        stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0)
+                       for i, obj in enumerate(stage_objs))
+        r.done(("schema_version", "name", "description", "stages"))
+    else:  # one stage: its keys at the top level
+        stage_keys = ("roi", "models", "postprocess")
+        stage = {"name": "main", **{key: r.obj.pop(key) for key in stage_keys if key in r.obj}}
+        r.done(("schema_version", "name", "description", "stages", *stage_keys))
+        stages = (_stage(stage, where, path.parent, first=True),)
+    _check_unique([s.name for s in stages], "stage", where)
+    _check_unique([m.name for s in stages for m in s.models], "model", where)
+    return Recipe(path, name, stages, file_sha256(path))
+
+
+def _stage(obj, where: str, folder: Path, *, first: bool) -> StageSpec:
+    r = _Reader(obj, where)
+    name = r.take("name", kind=str)
     roi_reader = _Reader(r.take("roi"), f"{where} roi")
     method = roi_reader.take("method", kind=str)
     try:
@@ -298,11 +335,19 @@ def load_recipe(weights_dir: Path) -> Recipe:
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from exc
     roi_reader.done(("method", "params"))
+    if first and method in NEEDS_PREVIOUS_STAGE:
+        raise RecipeError(f"{where}: ROI method {method!r} reads the labels of a previous stage, but this is the "
+                          f"first stage: start with an image method")
     model_objs = r.take("models", kind=list)
     if not model_objs:
         raise RecipeError(f"{where}: 'models' is empty")
-    models = tuple(parse_model(m, f"{where} models[{i}]", path.parent) for i, m in enumerate(model_objs))
+    models = tuple(parse_model(m, f"{where} models[{i}]", folder) for i, m in enumerate(model_objs))
     _check_heads_combine(models, where)
     postprocess = PostprocessConfig.from_dict(r.take("postprocess", default={}, kind=dict))
-    r.done(keys)
-    return Recipe(path, name, roi, models, postprocess, file_sha256(path))
+    r.done(("name", "roi", "models", "postprocess"))
+    return StageSpec(name, roi, models, postprocess)
+
+
+def _check_unique(names: list[str], kind: str, where: str) -> None:
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise RecipeError(f"{where}: {kind} name(s) {repeated} used more than once; give each {kind} its own name")

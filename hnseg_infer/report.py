@@ -56,6 +56,15 @@ class RunReport:
         finally:
             self.data["stages_s"][name] = round(self.data["stages_s"].get(name, 0.0) + time.perf_counter() - start, 3)
 
+    def stage_record(self, name: str) -> dict:
+        """The report's entry for one recipe stage (ROI, models, labels), made on first use, in stage order."""
+        stages = self.data.setdefault("stages", [])
+        for record in stages:
+            if record["name"] == name:
+                return record
+        stages.append({"name": name})
+        return stages[-1]
+
     def warn(self, message: str) -> None:
         self.data["warnings"].append(message)
 

@@ -37,10 +37,15 @@ DEFAULTS = {
                              "slice_mm": 3.0, "top_mean_threshold": 0.1, "peak_index_max": 50},
     "pet_threshold_head_neck_box": {"threshold_suv": 1.0, "superior_slab_mm": 50.0, "size_mm": [200.0, 200.0, 310.0],
                                     "margin_above_mm": 10.0},
-    "fixed_box": {"size_mm": [144.0, 144.0, 144.0]},
     "ct_extent": {},
+    "ct_top": {"size_mm": [512.0, 512.0, 384.0]},
+    "labels_bbox": {"margin_mm": 10.0},
+    "labels_centroid_cube": {"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop"},
 }
+NEEDS_PREVIOUS_STAGE = ("labels_bbox", "labels_centroid_cube")
+IMAGE_METHODS = tuple(m for m in DEFAULTS if m not in NEEDS_PREVIOUS_STAGE)
 POSITIVE_KEYS = {"slab_slices", "window_xy_mm", "n_slices", "slice_mm", "superior_slab_mm"}
+NON_NEGATIVE_KEYS = {"margin_mm"}
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,25 @@ class RoiResult:
     warnings: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class StageLabels:
+    """What a cascade stage hands to the next: its labels on its own grid, and its ROI."""
+
+    name: str
+    labels_zyx: np.ndarray
+    grid: Grid
+    box: Box
+
+
 # ---------------------------------------------------------------------------------------------------- parameters
 
 def _check_value(method: str, key: str, value, default):
     """A parameter value of the default's kind: a number, or a list of 3 positive numbers (a size in mm)."""
     where = f"ROI method {method!r} parameter {key!r}"
+    if isinstance(default, str):  # a fallback method
+        if value not in IMAGE_METHODS:
+            raise RecipeError(f"{where} must be one of {IMAGE_METHODS}, got {value!r}")
+        return value
     if isinstance(default, list):
         if (not isinstance(value, (list, tuple)) or len(value) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)):
@@ -66,6 +85,8 @@ def _check_value(method: str, key: str, value, default):
         raise RecipeError(f"{where} must be a number, got {value!r}")
     if key in POSITIVE_KEYS and value <= 0:
         raise RecipeError(f"{where} must be positive, got {value!r}")
+    if key in NON_NEGATIVE_KEYS and value < 0:
+        raise RecipeError(f"{where} must be >= 0, got {value!r}")
     return int(value) if isinstance(default, int) else float(value)
 
 
@@ -296,12 +317,51 @@ def pet_threshold_head_neck_box(ct: sitk.Image, pet: sitk.Image, suv_per_stored_
     return RoiResult(box, method, False, record, ())
 
 
-def fixed_box(point_xyz_mm, p: dict) -> RoiResult:
-    """A box of `size_mm` centred on a point from a previous stage (a cascade's coarse tumour centroid)."""
-    if point_xyz_mm is None:
-        raise RecipeError("ROI method 'fixed_box' needs a point (from a previous stage); none was given")
-    point = [float(v) for v in point_xyz_mm]
-    return RoiResult(Box.around(point, p["size_mm"]), "fixed_box", False, {"point_xyz_mm": point}, ())
+def ct_top(ct: sitk.Image, p: dict) -> RoiResult:
+    """SJTU's localiser input: a box of `size_mm` whose top is the CT's most superior edge, centred in-plane on
+    the CT (the whole axial field of view for a 512 mm size)."""
+    ct_box = Grid.of(ct).box().in_frame(IDENTITY)
+    size = np.asarray(p["size_mm"])
+    center = ct_box.center_xyz_mm
+    z_top = ct_box.corner_xyz_mm[2] + ct_box.size_xyz_mm[2]
+    box = Box((center[0] - size[0] / 2, center[1] - size[1] / 2, z_top - size[2]), tuple(size.tolist()))
+    return RoiResult(box, "ct_top", False, {"superior_z_mm": round(float(z_top), 3)}, ())
+
+
+def _label_points_xyz_mm(previous: StageLabels) -> np.ndarray:
+    """Physical centres of the previous stage's labelled voxels (N, 3)."""
+    index_zyx = np.argwhere(previous.labels_zyx > 0)
+    return previous.grid.index_to_physical(index_zyx[:, ::-1])
+
+
+def labels_bbox(previous: StageLabels, p: dict) -> RoiResult:
+    """The bounding box of the previous stage's labels, grown by `margin_mm` (and by half a voxel, so that it holds
+    whole voxels). Without labels: the previous stage's own ROI, with a warning."""
+    if not previous.labels_zyx.any():
+        warning = (f"ROI method 'labels_bbox': stage {previous.name!r} labelled nothing; used its own ROI "
+                   f"{previous.box.to_dict()['size_xyz_mm']} mm instead")
+        return RoiResult(previous.box, "labels_bbox", True, {"from_stage": previous.name, "labelled_voxels": 0},
+                         (warning,))
+    points = _label_points_xyz_mm(previous)
+    grow = p["margin_mm"] + max(previous.grid.spacing_xyz_mm) / 2  # the grid's axes may be permuted
+    lo, hi = points.min(axis=0) - grow, points.max(axis=0) + grow
+    return RoiResult(Box(tuple(lo.tolist()), tuple((hi - lo).tolist())), "labels_bbox", False,
+                     {"from_stage": previous.name, "labelled_voxels": len(points)}, ())
+
+
+def labels_centroid_cube(ct: sitk.Image, pet: sitk.Image, suv_per_stored_value: float, previous: StageLabels,
+                         p: dict) -> RoiResult:
+    """SJTU's fine ROI: a box of `size_mm` centred on the centroid of the previous stage's labels. Without labels:
+    the `fallback` image method (its default parameters), with a warning."""
+    if previous.labels_zyx.any():
+        centroid = _label_points_xyz_mm(previous).mean(axis=0)
+        record = {"from_stage": previous.name, "centroid_xyz_mm": centroid.round(3).tolist()}
+        return RoiResult(Box.around(centroid, p["size_mm"]), "labels_centroid_cube", False, record, ())
+    found = locate_roi(p["fallback"], ct=ct, pet=pet, suv_per_stored_value=suv_per_stored_value, params={})
+    warning = (f"ROI method 'labels_centroid_cube': stage {previous.name!r} labelled nothing; used ROI method "
+               f"{p['fallback']!r} instead")
+    record = {"from_stage": previous.name, "fallback": p["fallback"], "fallback_record": found.record}
+    return RoiResult(found.box, "labels_centroid_cube", True, record, (warning, *found.warnings))
 
 
 def ct_extent(ct: sitk.Image, pet: sitk.Image) -> RoiResult:
@@ -310,13 +370,21 @@ def ct_extent(ct: sitk.Image, pet: sitk.Image) -> RoiResult:
 
 
 def locate_roi(method: str, *, ct: sitk.Image, pet: sitk.Image, suv_per_stored_value: float, params: dict,
-               point_xyz_mm=None) -> RoiResult:
-    """The ROI box (physical, LPS-aligned) of a recipe's ROI method; `params` are checked and defaults filled."""
+               previous: StageLabels | None = None) -> RoiResult:
+    """The ROI box (physical, LPS-aligned) of a recipe's ROI method; `params` are checked and defaults filled.
+    The `labels_*` methods read `previous`, the labels of the cascade stage before."""
     p = check_params(method, params)
+    if method in NEEDS_PREVIOUS_STAGE and previous is None:
+        raise RecipeError(f"ROI method {method!r} needs the labels of a previous cascade stage; use it in a later "
+                          f"stage, not the first")
     if method == "brain_peak_head_crop":
         return brain_peak_head_crop(ct, pet, suv_per_stored_value, p)
     if method == "pet_threshold_head_neck_box":
         return pet_threshold_head_neck_box(ct, pet, suv_per_stored_value, p)
-    if method == "fixed_box":
-        return fixed_box(point_xyz_mm, p)
+    if method == "ct_top":
+        return ct_top(ct, p)
+    if method == "labels_bbox":
+        return labels_bbox(previous, p)
+    if method == "labels_centroid_cube":
+        return labels_centroid_cube(ct, pet, suv_per_stored_value, previous, p)
     return ct_extent(ct, pet)

@@ -54,8 +54,10 @@ def test_report_records_stages_grids_and_labels(recipes):
     ct, pet = small_case()
     report = predict_case(make_case(ct, pet), recipes["lps"], device="cpu").report.data
     assert report["roi"]["method"] == "ct_extent"
-    assert [m["name"] for m in report["models"]] == ["pet_threshold"]
-    assert report["models"][0]["grid"]["spacing_xyz_mm"] == [2.0, 2.0, 2.0]
+    (stage,) = report["stages"]
+    assert stage["name"] == "main" and stage["roi"] == report["roi"]
+    assert [m["name"] for m in stage["models"]] == ["pet_threshold"]
+    assert stage["models"][0]["grid"]["spacing_xyz_mm"] == [2.0, 2.0, 2.0]
     assert {"load_models", "locate_roi", "pet_threshold: sliding_window", "restore_to_ct_and_decode",
             "postprocess"} <= set(report["stages_s"])
     assert report["labels"]["GTVp"]["components"] == 1 and report["labels"]["GTVn"]["voxels"] == 0
@@ -76,9 +78,9 @@ def test_heterogeneous_ensemble_softmax_and_sigmoid_models(tmp_path):
     ct, pet = small_case(ct_direction=signed_permutations()[21])
     prediction = predict_case(make_case(ct, pet), recipe, device="cpu")
     report = prediction.report.data
-    assert [m["name"] for m in report["models"]] == ["softmax_2mm", "sigmoid_regions"]
-    assert report["models"][1]["grid"]["spacing_xyz_mm"] == [1.5, 2.0, 3.0]
-    assert report["models"][1]["grid"]["direction"] == list(ct.GetDirection())
+    assert [m["name"] for m in report["stages"][0]["models"]] == ["softmax_2mm", "sigmoid_regions"]
+    assert report["stages"][0]["models"][1]["grid"]["spacing_xyz_mm"] == [1.5, 2.0, 3.0]
+    assert report["stages"][0]["models"][1]["grid"]["direction"] == list(ct.GetDirection())
     expected_index = Grid.of(ct).physical_to_index(LESION_CENTER_XYZ_MM)[0]
     assert np.all(np.abs(label_centroid_index_xyz(prediction.mask, 1) - expected_index) < 1.0)
     assert set(np.unique(sitk.GetArrayFromImage(prediction.mask))) == {0, 1}

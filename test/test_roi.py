@@ -12,9 +12,9 @@ from builders import signed_permutations
 from conftest import REAL_DATA
 
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.grid import Grid
+from hnseg_infer.grid import IDENTITY, Grid
 from hnseg_infer.phantom import BLADDER_CENTER_XYZ_MM, HEART_CENTER_XYZ_MM, make_phantom
-from hnseg_infer.roi import HEAD_CHECK, check_params, locate_roi
+from hnseg_infer.roi import HEAD_CHECK, StageLabels, check_params, locate_roi
 
 FAST = {"ct_spacing_xyz_mm": (3.0, 3.0, 3.0), "ct_size_xy": 170, "pet_spacing_xyz_mm": (5.0, 5.0, 5.0)}
 HEAD_METHODS = ["brain_peak_head_crop", "pet_threshold_head_neck_box"]
@@ -178,13 +178,48 @@ def test_brain_peak_crop_size_anchor_and_peak_branch(phantoms):
     assert peak.box.corner_xyz_mm[2] + 300.0 < top.box.corner_xyz_mm[2] + 336.0 - 30.0
 
 
-def test_fixed_box_and_ct_extent(phantoms):
+def _stage_labels(labels_zyx, grid, name="coarse"):
+    return StageLabels(name, labels_zyx, grid, grid.box().in_frame(IDENTITY))
+
+
+def test_cascade_methods_read_the_previous_stage_labels(phantoms):
+    """labels_bbox and labels_centroid_cube on a permuted, flipped, anisotropic previous-stage grid: the box is
+    found in physical space around the labelled voxels."""
     phantom = phantoms["head-only"]
-    fixed = roi("fixed_box", phantom, point_xyz_mm=(1.0, 2.0, -150.0))
-    assert np.allclose(fixed.box.center_xyz_mm, (1, 2, -150)) and fixed.box.size_xyz_mm == (144.0, 144.0, 144.0)
-    assert roi("fixed_box", phantom, {"size_mm": [10, 20, 30]}, point_xyz_mm=(0, 0, 0)).box.size_xyz_mm == (10, 20, 30)
-    with pytest.raises(RecipeError, match="needs a point"):
-        roi("fixed_box", phantom)
+    grid = Grid((40, 30, 20), (2.0, 3.0, 4.0), (60.0, -30.0, -120.0), (0, 0, -1, 1, 0, 0, 0, -1, 0))
+    labels_zyx = np.zeros(grid.size_zyx, np.uint8)
+    labels_zyx[5:8, 10:13, 20:25] = 1  # index x 20-24, y 10-12, z 5-7
+    labels_zyx[6, 11, 30] = 2
+    points = grid.index_to_physical(np.argwhere(labels_zyx > 0)[:, ::-1])
+    bbox = roi("labels_bbox", phantom, {"margin_mm": 5}, previous=_stage_labels(labels_zyx, grid))
+    grow = 5 + 4.0 / 2  # margin plus half the largest voxel side
+    assert np.allclose(bbox.box.corner_xyz_mm, points.min(axis=0) - grow)
+    assert np.allclose(np.add(bbox.box.corner_xyz_mm, bbox.box.size_xyz_mm), points.max(axis=0) + grow)
+    cube = roi("labels_centroid_cube", phantom, previous=_stage_labels(labels_zyx, grid))
+    assert np.allclose(cube.box.center_xyz_mm, points.mean(axis=0)) and cube.box.size_xyz_mm == (144.0, 144.0, 144.0)
+    assert not cube.fell_back and cube.record["from_stage"] == "coarse"
+
+
+def test_cascade_methods_fall_back_when_the_previous_stage_found_nothing(phantoms):
+    phantom = phantoms["head-neck"]
+    grid = Grid.of(phantom.pet)
+    empty = _stage_labels(np.zeros(grid.size_zyx, np.uint8), grid)
+    bbox = roi("labels_bbox", phantom, previous=empty)
+    assert bbox.fell_back and bbox.box == empty.box and "labelled nothing" in bbox.warnings[0]
+    cube = roi("labels_centroid_cube", phantom, previous=empty)
+    head_crop = roi("brain_peak_head_crop", phantom)
+    assert cube.fell_back and cube.box == head_crop.box and "'brain_peak_head_crop' instead" in cube.warnings[0]
+    with pytest.raises(RecipeError, match="needs the labels of a previous cascade stage"):
+        roi("labels_bbox", phantom)
+
+
+def test_ct_top_and_ct_extent(phantoms):
+    phantom = phantoms["head-only"]
+    ct_box = Grid.of(phantom.ct).box()
+    top = roi("ct_top", phantom, {"size_mm": [500, 400, 384]}).box
+    assert top.size_xyz_mm == (500.0, 400.0, 384.0)
+    assert top.corner_xyz_mm[2] + 384.0 == pytest.approx(ct_box.corner_xyz_mm[2] + ct_box.size_xyz_mm[2])
+    assert np.allclose(top.center_xyz_mm[:2], ct_box.center_xyz_mm[:2])
     extent = roi("ct_extent", phantom).box
     ct_box, pet_box = Grid.of(phantom.ct).box(), Grid.of(phantom.pet).box()
     assert np.allclose(extent.size_xyz_mm[:2], ct_box.size_xyz_mm[:2])  # the PET is wider in-plane
@@ -200,7 +235,9 @@ def test_unknown_or_bad_parameters_are_recipe_errors(phantoms):
     with pytest.raises(RecipeError, match="unknown ROI method 'head_box'"):
         check_params("head_box", {})
     with pytest.raises(RecipeError, match="'size_mm' must be 3 positive numbers"):
-        check_params("fixed_box", {"size_mm": [144, 144]})
+        check_params("labels_centroid_cube", {"size_mm": [144, 144]})
+    with pytest.raises(RecipeError, match="'margin_mm' must be >= 0"):
+        check_params("labels_bbox", {"margin_mm": -1})
     with pytest.raises(RecipeError, match="'n_slices' must be positive"):
         check_params("brain_peak_head_crop", {"n_slices": 0})
     with pytest.raises(RecipeError, match="'slice_mm' must be a number"):
