@@ -1,4 +1,4 @@
-"""Command line: `hnseg predict`, `hnseg batch`, and the grand-challenge entry used by process.py.
+"""Command line: `hnseg predict`, `hnseg batch`, `hnseg qc`, and the grand-challenge entry used by process.py.
 
 Errors the user can fix (HnsegError) print one line on stderr and exit 2; unexpected ones exit 1. Either way
 nothing is left under the output path, and the run report (status "error") still goes to --report.
@@ -149,12 +149,32 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--pet-unit", choices=("suv", "bqml"), default="suv")
     ph.add_argument("--out", type=Path, required=True)
 
+    q = sub.add_parser("qc", help="QC picture (PNG) of a mask over its CT/PET, with ROI boxes from a run report")
+    q.add_argument("--ct", type=Path, required=True)
+    q.add_argument("--pet", type=Path, required=True)
+    q.add_argument("--mask", type=Path, required=True, help="label map on the CT grid (1 GTVp, 2 GTVn)")
+    q.add_argument("--reference", type=Path, default=None, help="reference label map on the CT grid (dashed)")
+    q.add_argument("--report", type=Path, default=None, help="run report JSON of the prediction (ROI boxes)")
+    q.add_argument("--title", default="", help="extra text for the title line")
+    q.add_argument("--out", type=Path, required=True, help="the PNG to write")
+
     args = parser.parse_args(argv)
     if args.command == "phantom":
         from .phantom import make_phantom, write_case
 
         write_case(make_phantom(seed=args.seed, fov=args.fov, pet_unit=args.pet_unit), args.out)
         print(f"hnseg phantom: wrote {args.out}/input/images/{{ct,pet}} and {args.out}/reference")
+        return 0
+    if args.command == "qc":
+        from .qc import draw_qc_files
+
+        try:
+            centre, seconds = draw_qc_files(ct=args.ct, pet=args.pet, mask=args.mask, reference=args.reference,
+                                            report=args.report, out_png=args.out, title=args.title)
+        except HnsegError as exc:
+            print(f"hnseg: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(f"hnseg qc: wrote {args.out} in {seconds:.1f} s ({centre.describe()})")
         return 0
     args.weights = args.weights or default_weights()
     if args.command == "predict":

@@ -68,6 +68,20 @@ class Box:
         return {"corner_xyz_mm": list(self.corner_xyz_mm), "size_xyz_mm": list(self.size_xyz_mm),
                 "direction": list(self.direction), "center_xyz_mm": self.center_xyz_mm.round(3).tolist()}
 
+    @staticmethod
+    def from_dict(d: dict) -> "Box":
+        """The inverse of `to_dict` (its derived `center_xyz_mm` is not read); ValueError for a malformed dict."""
+        try:
+            corner, size = (tuple(float(v) for v in d[k]) for k in ("corner_xyz_mm", "size_xyz_mm"))
+            direction = tuple(float(v) for v in d["direction"]) if "direction" in d else IDENTITY
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a box ({type(exc).__name__}: {exc}): expected corner_xyz_mm, size_xyz_mm "
+                             f"and direction") from exc
+        if len(corner) != 3 or len(size) != 3 or len(direction) != 9 or min(size) < 0:
+            raise ValueError(f"not a box: corner_xyz_mm {list(corner)} and size_xyz_mm {list(size)} need 3 numbers "
+                             f"(sizes >= 0), direction {list(direction)} needs 9")
+        return Box(corner, size, direction)
+
 
 @dataclass(frozen=True)
 class Grid:
