@@ -1,0 +1,104 @@
+"""Parity of the demo's fine nnU-Net model: hnseg vs nnUNetPredictor run from the same results folder, on the same
+cases and the same region, as label agreement (Dice per label) on the CT voxels.
+
+The region is each case's fine ROI as hnseg's cascade found it (from the run reports bench/eval_demo.py wrote),
+cut from the native CT on whole voxels. nnU-Net gets what its training data were: the four channels [x, x², x^(1/3),
+y] computed on those native CT voxels (the PET first resampled linearly onto them, since nnU-Net needs one grid),
+then its own preprocessing (resampling to 1 mm), sliding window and logit resampling back. hnseg runs the exported
+ONNX model through its own path (channels from the native images, one interpolation, its sliding window, its
+probability restore) onto the same voxels.
+
+    .venv/bin/python bench/eval_demo.py                 # writes the cases and run reports first
+    .venv/bin/python bench/parity_demo_nnunet.py [--results export/demo_models/fine_nnunet] [--work /tmp/hnseg-eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from hnseg_infer.grid import Box, Grid  # noqa: E402
+from hnseg_infer.intensity import apply_ops  # noqa: E402
+from hnseg_infer.io import discover_inputs, load_case  # noqa: E402
+from hnseg_infer.metrics import dice  # noqa: E402
+from hnseg_infer.predict import build_input, load_folds, model_grid, predict_probabilities  # noqa: E402
+from hnseg_infer.recipe import load_recipe  # noqa: E402
+from hnseg_infer.restore import Member, OutputSpace  # noqa: E402
+
+
+def fine_roi(report: dict) -> Box:
+    (stage,) = [s for s in report["stages"] if s["name"] == "fine"]
+    return Box.from_dict(stage["roi"]["box"])
+
+
+def hnseg_labels(case, spec, folds, region: Grid) -> np.ndarray:
+    grid = model_grid(spec, region.box(), case.ct_grid)
+    probabilities = predict_probabilities(spec, folds, build_input(case, grid, spec))
+    space = OutputSpace.for_models((spec,))
+    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)], region)
+
+
+def nnunet_labels(case, spec, predictor, region: Grid) -> np.ndarray:
+    ct = sitk.Resample(case.ct, region.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, -1024.0,
+                       sitk.sitkFloat32)  # the native CT voxels (the region lies on the CT's lattice)
+    pet = sitk.Resample(case.pet, region.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    sources = {"ct": sitk.GetArrayFromImage(ct), "pet": sitk.GetArrayFromImage(pet)}
+    channels = np.stack([apply_ops(sources[c.source], c.ops, suv_per_stored_value=case.pet_unit.suv_per_stored_value)
+                         for c in spec.channels])
+    properties = {"spacing": list(region.spacing_xyz_mm[::-1])}
+    return np.asarray(predictor.predict_single_npy_array(channels, properties, None, None, False), np.uint8)
+
+
+def make_predictor(results: Path):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(results), None)
+    return predictor
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "export" / "demo_models" / "fine_nnunet")
+    parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "demo")
+    parser.add_argument("--model", default="fine_nnunet", help="the recipe model exported from --results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/hnseg-eval"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
+    folds = load_folds(spec, device="cpu")
+    predictor = make_predictor(args.results)
+    predictor.use_mirroring = bool(spec.mirror_axes_zyx)
+    rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
+    for report_path in sorted((args.work / "pred").glob("*.report.json")):
+        name = report_path.name.removesuffix(".report.json")
+        case = load_case(*discover_inputs(args.work / "cases" / name / "input"))
+        region, _ = case.ct_grid.crop_to(fine_roi(json.loads(report_path.read_text())))
+        ours = hnseg_labels(case, spec, folds, region)
+        theirs = nnunet_labels(case, spec, predictor, region)
+        row = [name]
+        for label in (1, 2):
+            a, b = ours == label, theirs == label
+            counts = (int((a & b).sum()), int(a.sum()), int(b.sum()))
+            totals[label] = [t + c for t, c in zip(totals[label], counts)]
+            row.append(dice(*counts))
+        row.append(float((ours == theirs).mean()))
+        rows.append(row)
+        print(f"{name}: Dice GTVp {row[1]:.4f}, GTVn {row[2]:.4f}, voxel agreement {row[3]:.5f}", flush=True)
+    print(f"\n{len(rows)} cases; Dice per label (hnseg vs nnUNetPredictor, voxels pooled over cases): "
+          f"GTVp {dice(*totals[1]):.4f}, GTVn {dice(*totals[2]):.4f}; "
+          f"lowest per case: GTVp {min(r[1] for r in rows):.4f}, GTVn {min(r[2] for r in rows):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
