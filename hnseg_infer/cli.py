@@ -46,13 +46,15 @@ def default_weights() -> Path:
 
 
 def run_one(*, ct: Path, pet: Path, out: Path, weights: Path, report_path: Path | None, device: str,
-            debug: bool) -> int:
-    """Predict one case and write its mask; returns the exit code."""
+            debug: bool, qc_png: Path | None = None) -> int:
+    """Predict one case and write its mask (and, when asked, its QC picture first); returns the exit code."""
     report = RunReport()
     code = 0
     try:
         recipe = load_recipe(resolve_weights(weights))
         prediction = predict_files(ct, pet, recipe, device=device, report=report)
+        if qc_png is not None:
+            _draw_qc(prediction, qc_png, case_name=Path(ct).name)
         with report.stage("write"):
             write_image_atomic(prediction.mask, out)
         report.set("output", str(out))
@@ -74,6 +76,16 @@ def run_one(*, ct: Path, pet: Path, out: Path, weights: Path, report_path: Path 
     return code
 
 
+def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
+    from .qc import boxes_from_report, draw_qc
+
+    report, case = prediction.report, prediction.case
+    with report.stage("qc_picture"):
+        draw_qc(ct=case.ct, pet=case.pet, mask=prediction.mask, boxes=boxes_from_report(report.data), out_png=qc_png,
+                case=case_name, suv_per_stored_value=case.pet_unit.suv_per_stored_value)
+    report.set("qc_picture", str(qc_png))
+
+
 def _env_path(name: str, default) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else (Path(default) if default is not None else None)
@@ -87,6 +99,8 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=_env_path("HNSEG_WEIGHTS", None))
     parser.add_argument("--report", type=Path, default=_env_path("HNSEG_REPORT", "/tmp/hnseg/report.json"))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
+    parser.add_argument("--qc", type=Path, default=_env_path("HNSEG_QC", None),
+                        help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -96,7 +110,7 @@ def container_main(argv: list[str] | None = None) -> int:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     return run_one(ct=ct, pet=pet, out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
-                   device=args.device, debug=args.debug)
+                   device=args.device, debug=args.debug, qc_png=args.qc)
 
 
 def _batch(args) -> int:
@@ -125,6 +139,29 @@ def _batch(args) -> int:
     return EXIT_USER_ERROR if failed else 0
 
 
+def _evaluate(args) -> int:
+    """HECKTOR metrics of --pred masks against --gt masks, paired by file name; --csv/--json get the details."""
+    from tqdm import tqdm
+
+    from . import metrics
+
+    try:
+        pairs = metrics.pair_masks(args.pred, args.gt)
+        cases = [metrics.evaluate_files(pred, ref, case=case)
+                 for case, pred, ref in tqdm(pairs, desc="hnseg evaluate", unit="case", file=sys.stderr,
+                                                leave=False, disable=None)]
+        summary = metrics.aggregate(cases)
+        if args.csv:
+            metrics.write_csv(cases, args.csv)
+        if args.json:
+            metrics.write_json(cases, summary, args.json)
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(metrics.summary_text(summary))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,10 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pet", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, default=None)
+    p.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
 
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
+
+    e = sub.add_parser("evaluate", help="HECKTOR metrics of predicted masks against references (paired by file name)")
+    e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz)")
+    e.add_argument("--gt", type=Path, required=True, help="folder of reference masks with the same file names")
+    e.add_argument("--csv", type=Path, default=None, help="one row per case")
+    e.add_argument("--json", type=Path, default=None, help='{"cases": [...], "aggregate": {...}}')
 
     ph = sub.add_parser("phantom", help="write a synthetic PET/CT case in the grand-challenge layout")
     ph.add_argument("--seed", type=int, default=0)
@@ -159,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", type=Path, required=True, help="the PNG to write")
 
     args = parser.parse_args(argv)
+    if args.command == "evaluate":
+        return _evaluate(args)
     if args.command == "phantom":
-        from .phantom import make_phantom, write_case
+        from .phantom import hecktor_acquisition, make_phantom, write_case
 
-        write_case(make_phantom(seed=args.seed, fov=args.fov, pet_unit=args.pet_unit), args.out)
+        write_case(make_phantom(seed=args.seed, fov=args.fov, pet_unit=args.pet_unit,
+                                **hecktor_acquisition(args.seed)), args.out)
         print(f"hnseg phantom: wrote {args.out}/input/images/{{ct,pet}} and {args.out}/reference")
         return 0
     if args.command == "qc":
@@ -179,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args.weights = args.weights or default_weights()
     if args.command == "predict":
         return run_one(ct=args.ct, pet=args.pet, out=args.out, weights=args.weights, report_path=args.report,
-                       device=args.device, debug=args.debug)
+                       device=args.device, debug=args.debug, qc_png=args.qc)
     return _batch(args)
 
 

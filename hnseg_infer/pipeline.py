@@ -27,6 +27,7 @@ from .roi import StageLabels, locate_roi
 class Prediction:
     mask: sitk.Image
     report: RunReport
+    case: Case  # the inputs, for pictures drawn afterwards
 
 
 def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None) -> Prediction:
@@ -72,7 +73,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
     validate_mask(mask, ct_grid)
     report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
-    return Prediction(mask, report)
+    return Prediction(mask, report, case)
 
 
 def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):

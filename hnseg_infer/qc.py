@@ -254,8 +254,11 @@ def _check_grid(image: sitk.Image, ct_grid: Grid, role: str, *, path: Path | Non
 
 def _save_atomic(fig: Figure, out_png: Path) -> None:
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=out_png.parent)
+    try:
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=out_png.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out_png}: {exc}; choose a QC picture path in a writable folder") from exc
     os.close(fd)
     try:
         FigureCanvasAgg(fig).print_png(tmp)

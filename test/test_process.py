@@ -43,6 +43,21 @@ def test_writes_the_mask_on_the_ct_grid_and_nothing_else(case_dir, weights_dir, 
     assert "hnseg: ok" in result.stdout
 
 
+def test_qc_picture_is_drawn_beside_the_output_when_asked(case_dir, weights_dir, tmp_path):
+    out, report, qc = tmp_path / "output", tmp_path / "report.json", tmp_path / "qc" / "case.png"
+    result = run_process(case_dir, out, weights_dir, report, "--qc", str(qc))
+    assert result.returncode == 0, result.stderr
+    assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and files_under(out)[-1] == OUTPUT_RELATIVE
+    data = json.loads(report.read_text())
+    assert data["qc_picture"] == str(qc) and "qc_picture" in data["stages_s"]
+    # a picture that cannot be written fails the run before the mask is written
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    result = run_process(case_dir, tmp_path / "output2", weights_dir, None, "--qc", str(blocked / "qc.png"))
+    assert result.returncode == 2 and files_under(tmp_path / "output2") == []
+    assert f"cannot write {blocked / 'qc.png'}" in result.stderr
+
+
 def test_environment_variables_set_the_paths(case_dir, weights_dir, tmp_path):
     env = dict(os.environ, HNSEG_INPUT=str(case_dir), HNSEG_OUTPUT=str(tmp_path / "o"),
                HNSEG_WEIGHTS=str(weights_dir), HNSEG_REPORT=str(tmp_path / "r.json"))
