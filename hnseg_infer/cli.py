@@ -1,4 +1,4 @@
-"""Command line: `hnseg predict`, `hnseg batch`, `hnseg qc`, and the grand-challenge entry used by process.py.
+"""Command line: `hnseg predict`, `batch`, `evaluate`, `qc`, `phantom`, and the grand-challenge entry (process.py).
 
 Errors the user can fix (HnsegError) print one line on stderr and exit 2; unexpected ones exit 1. Either way
 nothing is left under the output path, and the run report (status "error") still goes to --report.
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, required=True)
 
     e = sub.add_parser("evaluate", help="HECKTOR metrics of predicted masks against references (paired by file name)")
-    e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz)")
-    e.add_argument("--gt", type=Path, required=True, help="folder of reference masks with the same file names")
+    e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz), or one mask")
+    e.add_argument("--gt", type=Path, required=True,
+                   help="folder of reference masks with the same file names, or one mask (then --pred is one too)")
     e.add_argument("--csv", type=Path, default=None, help="one row per case")
     e.add_argument("--json", type=Path, default=None, help='{"cases": [...], "aggregate": {...}}')
 

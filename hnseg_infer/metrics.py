@@ -252,7 +252,10 @@ def _names(paths: list[Path]) -> str:
 
 
 def pair_masks(pred_dir: Path, ref_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, reference) matched by file name without suffix; every file must have its partner."""
+    """(case, prediction, reference) matched by file name without suffix; every file must have its partner.
+    Two mask files (not folders) are one case, whatever their names (e.g. output.mha against <uuid>.mha)."""
+    if mask_stem(Path(pred_dir)) and mask_stem(Path(ref_dir)):
+        return [(mask_stem(Path(ref_dir)), Path(pred_dir), Path(ref_dir))]
     preds, refs = list_masks(pred_dir, role="prediction"), list_masks(ref_dir, role="reference")
     no_pred = [refs[c] for c in sorted(refs.keys() - preds.keys())]
     no_ref = [preds[c] for c in sorted(preds.keys() - refs.keys())]

@@ -289,6 +289,15 @@ def test_evaluate_command_writes_json_and_csv(folders, tmp_path, capsys):
     assert "3 cases (1 without GTVp)" in out and "GTVp Dice mean 0.7500" in out and "F1agg 0.5000" in out
 
 
+def test_two_mask_files_are_one_case_whatever_their_names(folders, tmp_path):
+    """As `make demo` scores process.py's output.mha against the phantom's <uuid>.mha reference."""
+    pred, gt = folders
+    out = tmp_path / "one.json"
+    assert main(["evaluate", "--pred", str(pred / "case0.mha"), "--gt", str(gt / "case2.mha"), "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["case"] == "case2"
+
+
 def test_grid_within_tolerance_is_accepted(folders, tmp_path):
     pred, gt = folders
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "case0.mha")))
