@@ -36,6 +36,7 @@ PET_FWHM_MM = 6.0
 PET_NOISE_FRACTION = 0.1  # multiplicative, per PET voxel
 CT_NOISE_HU = 10.0
 SOFT_TISSUE_HU = 40.0
+FAT_HU, FAT_SUV = -100.0, 0.3
 BRAIN_CENTER_XYZ_MM = (0.0, 8.0, -70.0)
 HEART_CENTER_XYZ_MM = (20.0, -10.0, -470.0)
 BLADDER_CENTER_XYZ_MM = (0.0, 10.0, -800.0)
@@ -365,7 +366,14 @@ def anatomy(seed: int, fov: str = "head-neck") -> tuple[Ellipsoid, ...]:
     tumour = _primary_tumour(rng, container)
     avoid = tumour + [s for s in head_neck if s.name in ("parotid", "submandibular", "tonsil", "spine", "airway")]
     nodes = _nodes(rng, container, avoid)
-    return tuple(trunk[:1] + head_neck + trunk[1:] + tumour + nodes)
+    # subcutaneous fat: the body and neck outlines are fat shells around soft tissue (per-seed thickness; its own
+    # stream, so the lesions of a seed do not depend on it); the head has none
+    fat_rng = np.random.default_rng([int(seed), 5])
+    outlines = trunk[:1] + head_neck[1:2]  # body, neck
+    fat = [replace(s, hu=FAT_HU, suv=FAT_SUV) for s in outlines]
+    inner = [replace(s, radii=tuple(np.subtract(s.radii, fat_rng.uniform(*thickness)).round(1)))
+             for s, thickness in zip(outlines, [(8.0, 25.0)] * len(trunk[:1]) + [(3.0, 9.0)])]
+    return tuple(fat + inner + head_neck[:1] + head_neck[2:] + trunk[1:] + tumour + nodes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
