@@ -6,11 +6,13 @@ declared in the recipe. Statistics (z-score, min-max) are taken over the model's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import RecipeError
+from .harmonise import DEFAULT_RADIUS, harmonise, load_reference
 
 SOURCES = ("ct", "pet", "zero")
 
@@ -84,11 +86,15 @@ OPS: dict[str, tuple[Callable, set[str], set[str]]] = {
     "scale": (_scale, {"factor"}, {"offset"}),
     # PET stored values → SUV (× the factor found by unit detection); bound at run time.
     "suv": (None, set(), set()),
+    # CT harmonisation (harmonise.py): each axial slice's low-frequency DCT block replaced by the reference's.
+    # "reference" names a file in the recipe's folder, loaded (and hashed) when the recipe is.
+    "spectrum_swap": (harmonise, {"reference"}, {"radius"}),
 }
 
 
-def validate_ops(ops: list, *, source: str, where: str) -> tuple[dict, ...]:
-    """Check a channel's op list once, at recipe load; RecipeError naming the op and key at fault."""
+def validate_ops(ops: list, *, source: str, where: str, folder: Path | None = None) -> tuple[dict, ...]:
+    """Check a channel's op list once, at recipe load; RecipeError naming the op and key at fault. `folder` (the
+    recipe's) holds the files ops name; a `spectrum_swap` op comes back with its reference loaded."""
     checked = []
     for i, op in enumerate(ops):
         if not isinstance(op, dict) or "op" not in op:
@@ -109,8 +115,30 @@ def validate_ops(ops: list, *, source: str, where: str) -> tuple[dict, ...]:
             raise RecipeError(f"{where}: zscore 'over' must be 'all' or 'nonzero', got {op['over']!r}")
         if name in ("window", "clip") and not op["max"] > op["min"]:
             raise RecipeError(f"{where}: op {name!r} needs max > min, got min={op['min']} max={op['max']}")
+        if name == "spectrum_swap":
+            op = _spectrum_swap_op(op, source=source, where=where, folder=folder)
         checked.append(dict(op))
     return tuple(checked)
+
+
+def _spectrum_swap_op(op: dict, *, source: str, where: str, folder: Path | None) -> dict:
+    """The op with its reference file resolved in the recipe's folder and loaded."""
+    radius = op.get("radius", DEFAULT_RADIUS)
+    if source != "ct":
+        raise RecipeError(f"{where}: op 'spectrum_swap' harmonises CT and applies only to a 'ct' source, not "
+                          f"{source!r}")
+    if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
+        raise RecipeError(f"{where}: op 'spectrum_swap' radius must be an integer >= 1, got {radius!r}")
+    reference = op["reference"]
+    if not isinstance(reference, str) or not reference or Path(reference).is_absolute() or ".." in Path(
+            reference).parts:
+        raise RecipeError(f"{where}: op 'spectrum_swap' reference must be a file name in the recipe's folder, got "
+                          f"{reference!r}")
+    if folder is None:
+        raise RecipeError(f"{where}: op 'spectrum_swap' names a file ({reference}) but these ops belong to no "
+                          f"weights folder; add it to an exported recipe with export/make_harmonisation_reference.py")
+    loaded = load_reference(Path(folder) / reference, radius=radius, where=f"{where}: op 'spectrum_swap'")
+    return {"op": "spectrum_swap", "reference": loaded, "radius": radius}
 
 
 def apply_ops(x: np.ndarray, ops: tuple[dict, ...], *, suv_per_stored_value: float) -> np.ndarray:

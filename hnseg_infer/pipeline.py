@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from .errors import InputError
 from .io import Case, load_case, validate_mask
 from .postprocess import postprocess
-from .predict import build_input, load_folds, model_grid, predict_probabilities
+from .predict import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
 from .recipe import Recipe, StageSpec
 from .report import RunReport, label_volumes
 from .restore import Member, OutputSpace, paste
@@ -107,6 +107,8 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
     members, records = [], []
     for spec in stage.models:
         grid = model_grid(spec, roi_box, case.ct_grid)
+        for note in harmonisation_notes(spec, grid):
+            report.warn(f"{prefix}{spec.name}: {note}")
         with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
             image_czyx = build_input(case, grid, spec)
         with report.stage(f"{prefix}{spec.name}: sliding_window"):

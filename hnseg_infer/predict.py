@@ -46,6 +46,12 @@ def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
     return np.stack(channels)
 
 
+def harmonisation_notes(spec: ModelSpec, grid: Grid) -> list[str]:
+    """What a model's spectrum_swap ops do on a grid whose size is not their reference's (a mapped reference)."""
+    return [note for channel in spec.channels for op in channel.ops if op["op"] == "spectrum_swap"
+            if (note := op["reference"].block_for(grid.size_zyx, op["radius"])[1])]
+
+
 def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_factor: float) -> np.ndarray:
     """The ops applied to the native voxels around the grid (statistics taken there), then sampled onto the grid
     and clipped to the range of the normalised voxels (nnU-Net's resize clips its spline overshoot so).

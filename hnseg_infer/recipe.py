@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import RecipeError
+from .grid import Box, Grid
+from .harmonise import SpectrumReference, check_fits
 from .intensity import SOURCES, validate_ops
 from .postprocess import PostprocessConfig
-from .roi import NEEDS_PREVIOUS_STAGE, check_params
+from .roi import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -119,8 +121,18 @@ class Recipe:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "name": self.name, "sha256": self.sha256,
                 "stages": [{"name": stage.name, "roi": stage.roi.method,
-                            "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256)}
+                            "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256),
+                                        **({"references": refs} if (refs := _references(m)) else {})}
                                        for m in stage.models]} for stage in self.stages]}
+
+
+def spectrum_references(model: "ModelSpec") -> list[SpectrumReference]:
+    """The harmonisation references a model's channel ops load (files beside the weights)."""
+    return [op["reference"] for channel in model.channels for op in channel.ops if op["op"] == "spectrum_swap"]
+
+
+def _references(model: "ModelSpec") -> list[dict]:
+    return [{"file": ref.path.name, "sha256": ref.sha256} for ref in spectrum_references(model)]
 
 
 class _Reader:
@@ -163,7 +175,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _channel(obj, where) -> ChannelSpec:
+def _channel(obj, where, folder: Path) -> ChannelSpec:
     keys = ("source", "interpolation", "ops", "ops_before_sampling")
     r = _Reader(obj, where)
     source = r.take("source", kind=str)
@@ -172,8 +184,11 @@ def _channel(obj, where) -> ChannelSpec:
     interpolation = r.take("interpolation", default="linear", kind=str)
     if interpolation not in INTERPOLATIONS:
         raise RecipeError(f"{where}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    ops = validate_ops(r.take("ops", default=[], kind=list), source=source, where=where)
+    ops = validate_ops(r.take("ops", default=[], kind=list), source=source, where=where, folder=folder)
     before = r.take("ops_before_sampling", default=False, kind=bool)
+    if before and any(op["op"] == "spectrum_swap" for op in ops):
+        raise RecipeError(f"{where}: op 'spectrum_swap' works on the model grid's slices (its reference was computed "
+                          f"there); it cannot run before sampling: set ops_before_sampling false")
     r.done(keys)
     return ChannelSpec(source, interpolation, ops, before)
 
@@ -220,7 +235,8 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     if orientation not in ORIENTATIONS:
         raise RecipeError(f"{where}: orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     patch = _numbers(r.take("patch_size_zyx"), 3, where, "patch_size_zyx", kind=int)
-    channels = tuple(_channel(c, f"{where} channels[{i}]") for i, c in enumerate(r.take("channels", kind=list)))
+    channels = tuple(_channel(c, f"{where} channels[{i}]", folder)
+                     for i, c in enumerate(r.take("channels", kind=list)))
     if not channels:
         raise RecipeError(f"{where}: 'channels' is empty")
     head = _head(r.take("head"), f"{where} head")
@@ -343,9 +359,24 @@ def _stage(obj, where: str, folder: Path, *, first: bool) -> StageSpec:
         raise RecipeError(f"{where}: 'models' is empty")
     models = tuple(parse_model(m, f"{where} models[{i}]", folder) for i, m in enumerate(model_objs))
     _check_heads_combine(models, where)
+    for i, model in enumerate(models):
+        _check_references_fit(model, roi, f"{where} models[{i}] ({model.name})")
     postprocess = PostprocessConfig.from_dict(r.take("postprocess", default={}, kind=dict))
     r.done(("name", "roi", "models", "postprocess"))
     return StageSpec(name, roi, models, postprocess)
+
+
+def _check_references_fit(model: ModelSpec, roi: RoiSpec, where: str) -> None:
+    """A harmonisation reference must fit the model grid of a fixed-size ROI (e.g. 200×200×310 mm at 1 mm:
+    310×200×200 voxels). Variable-size ROIs, and grids along the CT's own axes, are checked at run time."""
+    size_mm = box_size_mm(roi.method, roi.params)
+    references = spectrum_references(model)
+    if not references or size_mm is None or model.orientation == "ct":
+        return
+    grid = Grid.covering(Box((0.0, 0.0, 0.0), size_mm), model.spacing_xyz_mm, fit_box=model.grid_spacing == "fit_roi")
+    for reference in references:
+        check_fits(reference, grid.size_zyx, where=f"{where}, ROI {roi.method!r} {list(size_mm)} mm at "
+                                                   f"{list(model.spacing_xyz_mm)} mm")
 
 
 def _check_unique(names: list[str], kind: str, where: str) -> None:

@@ -101,6 +101,16 @@ def check_params(method: str, params: dict) -> dict:
             for key, default in DEFAULTS[method].items()}
 
 
+def box_size_mm(method: str, params: dict) -> tuple[float, float, float] | None:
+    """The box size (x, y, z mm) a method always gives when it finds its anatomy (checked `params`); None for
+    methods whose box size depends on the images or labels."""
+    if method == "brain_peak_head_crop":
+        return (params["window_xy_mm"], params["window_xy_mm"], params["n_slices"] * params["slice_mm"])
+    if method in ("pet_threshold_head_neck_box", "ct_top", "labels_centroid_cube"):
+        return tuple(params["size_mm"])
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the PET view
 
 @dataclass(frozen=True)
