@@ -30,7 +30,9 @@ from .grid import IDENTITY, Box, Grid
 
 FOV_Z_RANGE_MM = {"head-only": (-300.0, 10.0), "head-neck": (-420.0, 10.0), "whole-body": (-1000.0, 10.0),
                   "no-head": (-200.0, 0.0)}
-NECK_BOTTOM_Z_MM = -300.0  # every lesion lies above this; the PET always reaches below it (fovs with a head)
+NECK_BOTTOM_Z_MM = -300.0  # every head-and-neck lesion lies above this
+LESION_FLOOR_Z_MM = {"head-only": NECK_BOTTOM_Z_MM, "head-neck": NECK_BOTTOM_Z_MM, "whole-body": NECK_BOTTOM_Z_MM,
+                     "no-head": -145.0}  # the lowest lesion point per fov: the PET always reaches 10 mm below it
 BQML_PER_SUV = 5000.0  # ~350 MBq in 70 kg
 PET_FWHM_MM = 6.0
 PET_NOISE_FRACTION = 0.1  # multiplicative, per PET voxel
@@ -184,20 +186,18 @@ def _evaluate(shapes, grid: Grid, *, background_hu: float = -1000.0, max_voxels:
     return hu, suv, label
 
 
-def _uptake_zyx(shapes, grid: Grid, *, supersample: int = 2, small_voxels: int = 1 << 16) -> np.ndarray:
-    """SUV on a (coarse PET) grid with partial volume: shapes whose index block is small (lesions, glands) are
-    painted by their fractional coverage of each voxel, from supersample³ sub-voxel points, so a 5 mm node on a
-    5 mm PET grid neither vanishes nor fills a whole voxel; large shapes by their voxel centres."""
+def _uptake_zyx(shapes, grid: Grid, *, supersample: int = 5, small_voxels: int = 1 << 16) -> np.ndarray:
+    """SUV on a (coarse PET) grid with partial volume: shapes whose index block is small (lesions, glands, heart)
+    are painted by their fractional coverage of each voxel, from a supersample× finer grid averaged back, so a
+    5 mm node on a 5 mm PET grid neither vanishes nor fills a whole voxel; large shapes by their voxel centres."""
     suv = np.zeros(grid.size_zyx, np.float32)
+    ss = int(supersample)
     d = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
-    steps = (np.arange(supersample) + 0.5) / supersample - 0.5
-    subgrids = [replace(grid, origin_xyz_mm=tuple(np.asarray(grid.origin_xyz_mm)
-                                                  + d @ (np.asarray(grid.spacing_xyz_mm) * (ox, oy, oz))))
-                for oz in steps for oy in steps for ox in steps]
+    spacing = np.asarray(grid.spacing_xyz_mm)
+    fine = replace(grid, size_xyz=tuple(int(n) * ss for n in grid.size_xyz), spacing_xyz_mm=tuple(spacing / ss),
+                   origin_xyz_mm=tuple(np.asarray(grid.origin_xyz_mm) - d @ (spacing * (ss - 1) / (2 * ss))))
     for shape in shapes:
-        if shape.suv is None:
-            continue
-        block = _index_block(shape, grid)
+        block = None if shape.suv is None else _index_block(shape, grid)
         if block is None:
             continue
         lo, hi = block
@@ -206,8 +206,10 @@ def _uptake_zyx(shapes, grid: Grid, *, supersample: int = 2, small_voxels: int =
                 np.copyto(suv[region], np.float32(shape.suv), where=inside)
             continue
         lo, hi = np.maximum(lo - 1, 0), np.minimum(hi + 1, grid.size_xyz)
+        n = hi - lo
+        inside = shape.inside_block_zyx(fine, lo * ss, hi * ss).reshape(n[2], ss, n[1], ss, n[0], ss)
+        fraction = inside.sum(axis=(1, 3, 5), dtype=np.float32) / np.float32(ss ** 3)
         region = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-        fraction = sum(shape.inside_block_zyx(sub, lo, hi).astype(np.float32) for sub in subgrids) / len(subgrids)
         suv[region] += fraction * (np.float32(shape.suv) - suv[region])
     return suv
 
@@ -384,7 +386,7 @@ def hecktor_acquisition(seed: int) -> dict:
     anatomy of a seed does not depend on it): CT 512² at 0.9-1.0 mm, 1.5-3.3 mm slices, its field of view centred
     up to 15 mm off the patient in-plane and -5..+8 mm in z; PET 128-200² voxels at 2.7-5.5 mm in-plane (a
     500-720 mm field), 2.7-5.0 mm slices, starting up to 100 mm above or 50 mm below the CT's bottom (never above
-    the neck) and ending 5-40 mm above its top; PET resolution 5-8 mm FWHM and 6-18 % noise."""
+    the lesions) and ending 5-40 mm above its top; PET resolution 5-8 mm FWHM and 6-18 % noise."""
     rng = np.random.default_rng([int(seed), 0xACC])
     ct_xy = round(float(rng.uniform(0.9, 1.0)), 4)
     ct_z = float(rng.choice((1.5, 2.0, 2.5, 3.0, 3.27, round(float(rng.uniform(1.5, 3.3)), 2))))
@@ -430,17 +432,15 @@ def acquisition_grids(fov: str = "head-neck", *, ct_spacing_xyz_mm=(0.98, 0.98, 
     `ct_origin_shift_mm`, on a lattice with `ct_direction`. The PET (identity direction, centred in-plane on
     x = y = 0) covers a wider field than the CT in-plane (1.2×) unless `pet_size_xyz` fixes its voxel counts; in z
     it starts `pet_z_margins_mm[0]` below the fov's bottom (negative: above) and ends `pet_z_margins_mm[1]` above
-    its top, unless pet_size_xyz[2] (not None) fixes its slice count (same bottom). With a head, the PET always
-    reaches below NECK_BOTTOM_Z_MM, so it holds every lesion."""
+    its top, unless pet_size_xyz[2] (not None) fixes its slice count (same bottom). The PET always reaches 10 mm
+    below the fov's lowest lesion point (LESION_FLOOR_Z_MM), so it holds every lesion."""
     if fov not in FOV_Z_RANGE_MM:
         raise ValueError(f"fov must be one of {list(FOV_Z_RANGE_MM)}, got {fov!r}")
     z_lo, z_hi = FOV_Z_RANGE_MM[fov]
     fov_xy = ct_size_xy * ct_spacing_xyz_mm[0]
     ct_box = Box.around(np.add((0.0, 0.0, (z_lo + z_hi) / 2), ct_origin_shift_mm), (fov_xy, fov_xy, z_hi - z_lo))
     ct_grid = Grid.covering(ct_box.in_frame(ct_direction), ct_spacing_xyz_mm)
-    pet_bottom = z_lo - pet_z_margins_mm[0]
-    if fov != "no-head":
-        pet_bottom = min(pet_bottom, NECK_BOTTOM_Z_MM - 10.0)
+    pet_bottom = min(z_lo - pet_z_margins_mm[0], LESION_FLOOR_Z_MM[fov] - 10.0)
     size_xyz = (None, None, None) if pet_size_xyz is None else tuple(pet_size_xyz)
     pet_extent = [fov_xy * 1.2 if n is None else n * s for n, s in zip(size_xyz[:2], pet_spacing_xyz_mm[:2])]
     pet_extent.append(z_hi + pet_z_margins_mm[1] - pet_bottom if size_xyz[2] is None

@@ -10,6 +10,7 @@ from hnseg_infer.cli import main
 from hnseg_infer.grid import Box, Grid
 from hnseg_infer.phantom import (
     BLADDER_CENTER_XYZ_MM,
+    Ellipsoid,
     BQML_PER_SUV,
     BRAIN_CENTER_XYZ_MM,
     FOV_Z_RANGE_MM,
@@ -17,6 +18,7 @@ from hnseg_infer.phantom import (
     SHAPE_NAMES,
     SOFT_TISSUE_HU,
     _union_zyx,
+    _uptake_zyx,
     acquisition_grids,
     anatomy,
     hecktor_acquisition,
@@ -151,16 +153,15 @@ def test_hecktor_acquisition_ranges_over_seeds_and_grids_that_hold_the_lesions()
         ct_sp, pet_sp = kw["ct_spacing_xyz_mm"], kw["pet_spacing_xyz_mm"]
         assert kw["ct_size_xy"] == 512 and ct_sp[0] == ct_sp[1] and 0.9 <= ct_sp[0] <= 1.0 and 1.5 <= ct_sp[2] <= 3.3
         assert all(2.7 <= s <= 5.5 for s in pet_sp) and 128 <= kw["pet_size_xyz"][0] == kw["pet_size_xyz"][1] <= 200
-        tumour, nodes = lesions(anatomy(seed))
-        lo, hi = bounds_xyz_mm(tumour + nodes)
-        for fov in HEAD_FOVS:
+        for fov in (*HEAD_FOVS, "no-head"):
+            lo, hi = bounds_xyz_mm([s for s in anatomy(seed, fov) if s.label])
             ct, pet = acquisition_grids(fov, **kw)
             assert ct.size_xyz[:2] == (512, 512) and pet.size_xyz[:2] == kw["pet_size_xyz"][:2]
             ct_box, pet_box = ct.box(), pet.box()
             ct_z = (ct_box.corner_xyz_mm[2], ct_box.corner_xyz_mm[2] + ct_box.size_xyz_mm[2])
             pet_z = (pet_box.corner_xyz_mm[2], pet_box.corner_xyz_mm[2] + pet_box.size_xyz_mm[2])
             assert abs(pet_z[1] - ct_z[1]) > 2.0 and pet.origin_xyz_mm[2] != ct.origin_xyz_mm[2]
-            assert 67 <= ct.size_xyz[2] <= 736 and pet_z[1] >= 5.0  # the vertex is at z = 5 mm
+            assert 60 <= ct.size_xyz[2] <= 736 and pet_z[1] >= ct_z[1] - 8.0 + 5.0
             assert box_holds(ct_box, lo, hi) and box_holds(pet_box, lo, hi), (seed, fov)
     assert len({kw["ct_spacing_xyz_mm"][2] for kw in draws}) > 4 and len({kw["pet_size_xyz"] for kw in draws}) > 3
     # the PET starts above the CT's bottom in some whole-body scans and below it in others
@@ -190,9 +191,9 @@ def test_lesions_vary_over_seeds_within_their_ranges():
             assert 15.0 < abs(node.center[0])  # lateral, on either side of the neck
     assert set(n_nodes) == {0, 1, 2, 3, 4} and set(n_lobes) >= {2, 3, 4} and max(n_lobes) <= 4
     assert 5 <= necrotic <= 40
-    sizes = [2 * max(n.radii) for seed in range(60) for n in lesions(anatomy(seed))[1]]
+    all_nodes = [n for seed in range(60) for n in lesions(anatomy(seed))[1]]
+    sizes, suvs = [2 * max(n.radii) for n in all_nodes], [n.suv for n in all_nodes]
     assert min(sizes) < 8.0 and max(sizes) > 22.0  # small and large nodes
-    suvs = [n.suv for seed in range(60) for n in lesions(anatomy(seed))[1]]
     assert min(suvs) < 3.5 and max(suvs) > 8.0  # faint and hot nodes
 
 
@@ -215,7 +216,7 @@ def test_lesions_do_not_touch_and_lie_in_the_head_and_neck(seed):
 
 def test_named_regions_match_the_label_and_the_uptake():
     p = make_phantom(seed=2, fov="whole-body", **FAST)
-    assert all(s.name in SHAPE_NAMES for s in p.shapes)
+    assert all(s.name in SHAPE_NAMES for s in p.shapes) and all(s.name for s in anatomy(2, "no-head"))
     names = {s.name for s in p.shapes}
     assert {"body", "head", "neck", "skull", "brain", "parotid", "submandibular", "tonsil", "tumour", "node",
             "heart", "bladder", "lung", "leg"} <= names
@@ -250,3 +251,14 @@ def test_hecktor_cli_writes_the_three_files_on_hecktor_grids(tmp_path, capsys):
     assert Grid.of(pet).same_as(expected_pet) and ct.GetSize()[:2] == (512, 512)
     assert set(np.unique(sitk.GetArrayFromImage(label))) <= {0, 1, 2} and (sitk.GetArrayFromImage(label) == 1).any()
     assert sitk.GetArrayFromImage(pet).max() > 5.0 * BQML_PER_SUV  # Bq/mL: the brain at SUV ≥ 8
+
+
+@pytest.mark.parametrize("offset_mm", [0.0, 1.4, 2.75])
+def test_pet_partial_volume_keeps_a_small_nodes_uptake_wherever_the_grid_falls(offset_mm):
+    """A 5 mm node on a 5.5 mm PET grid: its total uptake (SUV × volume) is kept within 15 %, not lost between
+    voxel centres nor blown up to a whole voxel."""
+    node = Ellipsoid((offset_mm, -offset_mm, 0.5 * offset_mm), (2.5, 2.5, 2.5), 50.0, 8.0, 2, "node")
+    grid = Grid.covering(Box((-22.0, -22.0, -22.0), (44.0, 44.0, 44.0)), (5.5, 5.5, 5.5))
+    suv = _uptake_zyx([node], grid)
+    total = suv.sum() * grid.voxel_volume_mm3
+    assert total == pytest.approx(8.0 * 4 / 3 * np.pi * 2.5 ** 3, rel=0.15) and suv.max() < 8.0
