@@ -8,7 +8,8 @@ Deterministic from the seed.
 The anatomy varies with the seed: a primary tumour (label 1, GTVp) around the oropharynx made of 2-4 overlapping
 lobes, sometimes with a faint necrotic core; 0-4 cervical nodes (label 2, GTVn; 5-30 mm, SUV 2.5-10) at levels
 II-IV down either side of the neck, never touching the tumour, each other or the glands; parotid and submandibular
-glands and tonsils with moderate uptake as distractors; brain, heart and bladder uptake.
+glands and tonsils with moderate uptake as distractors; brain, heart and bladder uptake; subcutaneous fat. Every
+shape has a name (SHAPE_NAMES), so `Phantom.region_zyx(grid, ("head", "neck"))` gives region masks on any grid.
 
 `make_phantom` takes the acquisition geometry as keywords (defaults: a fixed, simple geometry used by the tests);
 `hecktor_acquisition(seed)` draws HECKTOR-like keywords (CT 512² at 0.9-1.0 mm with 1.5-3.3 mm slices, PET
@@ -362,19 +363,17 @@ def anatomy(seed: int, fov: str = "head-neck") -> tuple[Ellipsoid, ...]:
                 Ellipsoid((-15, 5, -100), (15, 15, 400), 700, 0.3, name="bone"),
                 Ellipsoid((52, -35, -90), (52, 50, 55), 50, float(head_rng.uniform(8, 15)), 1, "tumour"))
     trunk = _trunk(fov, trunk_rng) if fov in ("head-neck", "whole-body") else []
-    rng = head_rng
-    head_neck = _head_and_neck(rng)
+    head_neck = _head_and_neck(head_rng)
     container = [s for s in head_neck if s.name in ("head", "neck")]
-    tumour = _primary_tumour(rng, container)
+    tumour = _primary_tumour(head_rng, container)
     avoid = tumour + [s for s in head_neck if s.name in ("parotid", "submandibular", "tonsil", "spine", "airway")]
-    nodes = _nodes(rng, container, avoid)
-    # subcutaneous fat: the body and neck outlines are fat shells around soft tissue (per-seed thickness; its own
+    nodes = _nodes(head_rng, container, avoid)
+    # subcutaneous fat: the body (8-25 mm) and neck (3-9 mm) outlines are fat shells around soft tissue (their own
     # stream, so the lesions of a seed do not depend on it); the head has none
     fat_rng = np.random.default_rng([int(seed), 5])
-    outlines = trunk[:1] + head_neck[1:2]  # body, neck
-    fat = [replace(s, hu=FAT_HU, suv=FAT_SUV) for s in outlines]
-    inner = [replace(s, radii=tuple(np.subtract(s.radii, fat_rng.uniform(*thickness)).round(1)))
-             for s, thickness in zip(outlines, [(8.0, 25.0)] * len(trunk[:1]) + [(3.0, 9.0)])]
+    outlines = [(s, (8.0, 25.0)) for s in trunk[:1]] + [(head_neck[1], (3.0, 9.0))]  # body, neck
+    fat = [replace(s, hu=FAT_HU, suv=FAT_SUV) for s, _ in outlines]
+    inner = [replace(s, radii=tuple(np.subtract(s.radii, fat_rng.uniform(*mm)).round(1))) for s, mm in outlines]
     return tuple(fat + inner + head_neck[:1] + head_neck[2:] + trunk[1:] + tumour + nodes)
 
 
@@ -400,17 +399,15 @@ def hecktor_acquisition(seed: int) -> dict:
             "pet_fwhm_mm": float(rng.uniform(5.0, 8.0)), "pet_noise_fraction": float(rng.uniform(0.06, 0.18))}
 
 
-def _ct_noise(shape_zyx, rng: np.random.Generator, sigma: float, pool_slices: int = 32, pad: int = 64) -> np.ndarray:
-    """Gaussian noise for a CT volume, drawn for a pool of slices and reused per slab at random in-plane offsets
-    (drawing ~200 M normals for a whole-body CT would take seconds)."""
-    nz, ny, nx = shape_zyx
+def _add_ct_noise(hu: np.ndarray, rng: np.random.Generator, sigma: float, pool_slices: int = 32, pad: int = 64):
+    """Add Gaussian noise to a CT volume in place: drawn for a pool of slices and reused per slab at random
+    in-plane offsets (drawing ~200 M normals for a whole-body CT would take seconds)."""
+    nz, ny, nx = hu.shape
     pool = rng.standard_normal((min(pool_slices, nz), ny + pad, nx + pad), dtype=np.float32) * np.float32(sigma)
-    noise = np.empty(shape_zyx, np.float32)
     for k0 in range(0, nz, pool.shape[0]):
         k1 = min(k0 + pool.shape[0], nz)
         oy, ox = rng.integers(0, pad + 1, 2)
-        noise[k0:k1] = pool[: k1 - k0, oy:oy + ny, ox:ox + nx]
-    return noise
+        hu[k0:k1] += pool[: k1 - k0, oy:oy + ny, ox:ox + nx]
 
 
 def _pet_suv_zyx(shapes, grid: Grid, rng: np.random.Generator, *, fwhm_mm: float = PET_FWHM_MM,
@@ -469,7 +466,7 @@ def make_phantom(*, seed: int, fov: str = "head-neck", ct_spacing_xyz_mm=(0.98, 
     shapes = anatomy(seed, fov)
     ct_rng, pet_rng = (np.random.default_rng([int(seed), stream]) for stream in (3, 4))  # PET noise: not CT-grid bound
     hu, _, label = _evaluate(shapes, ct_grid, want="hu label")
-    hu += _ct_noise(hu.shape, ct_rng, CT_NOISE_HU)
+    _add_ct_noise(hu, ct_rng, CT_NOISE_HU)
     suv = _pet_suv_zyx(shapes, pet_grid, pet_rng, fwhm_mm=pet_fwhm_mm, noise_fraction=pet_noise_fraction)
     pet = suv * np.float32(BQML_PER_SUV) if pet_unit == "bqml" else suv
     tumour_center = _centroid_xyz_mm([s for s in shapes if s.label == 1])
