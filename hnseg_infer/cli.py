@@ -12,8 +12,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import HnsegError, RecipeError
-from .io import discover_inputs, write_image_atomic
+from .errors import HnsegError, MissingPetError, RecipeError
+from .io import discover_inputs, find_single_image, write_image_atomic
 from .pipeline import predict_files
 from .recipe import RECIPE_FILE, load_recipe
 from .report import RunReport
@@ -45,14 +45,16 @@ def default_weights() -> Path:
     return BUNDLED_WEIGHTS
 
 
-def run_one(*, ct: Path, pet: Path, out: Path, weights: Path, report_path: Path | None, device: str,
+def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
+            ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None) -> int:
     """Predict one case and write its mask (and, when asked, its QC picture first); returns the exit code."""
     report = RunReport()
     code = 0
     try:
         recipe = load_recipe(resolve_weights(weights))
-        prediction = predict_files(ct, pet, recipe, device=device, report=report)
+        prediction = predict_files(ct, pet, recipe, device=device, report=report, ct_only=ct_only,
+                                   pet_missing=pet_missing)
         if qc_png is not None:
             _draw_qc(prediction, qc_png, case_name=Path(ct).name)
         with report.stage("write"):
@@ -81,9 +83,29 @@ def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
 
     report, case = prediction.report, prediction.case
     with report.stage("qc_picture"):
-        draw_qc(ct=case.ct, pet=case.pet, mask=prediction.mask, boxes=boxes_from_report(report.data), out_png=qc_png,
-                case=case_name, suv_per_stored_value=case.pet_unit.suv_per_stored_value)
+        pet = case.pet if not case.ct_only else _blank_like(case.ct)  # CT-only: an empty PET row and MIP
+        draw_qc(ct=case.ct, pet=pet, mask=prediction.mask, boxes=boxes_from_report(report.data), out_png=qc_png,
+                case=case_name, suv_per_stored_value=case.suv_per_stored_value,
+                title="CT-only mode: no PET" if case.ct_only else "")
     report.set("qc_picture", str(qc_png))
+
+
+def _blank_like(image):
+    import SimpleITK as sitk
+
+    blank = sitk.Image(image.GetSize(), sitk.sitkFloat32)
+    blank.CopyInformation(image)  # a new zero image on the CT's grid, not a geometry fix
+    return blank
+
+
+def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | None]:
+    """CT and PET of a grand-challenge input folder. A missing PET is handed on (with where it was looked for):
+    the recipe decides whether the case runs CT-only or the missing PET is the error."""
+    try:
+        ct, pet = discover_inputs(input_dir)
+    except MissingPetError as missing:  # raised after the CT was found
+        return find_single_image(Path(input_dir) / "images" / "ct", "ct"), None, missing
+    return ct, pet, None
 
 
 def _env_path(name: str, default) -> Path | None:
@@ -101,15 +123,18 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
     parser.add_argument("--qc", type=Path, default=_env_path("HNSEG_QC", None),
                         help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
+    parser.add_argument("--ct-only", action="store_true", default=os.environ.get("HNSEG_CT_ONLY") == "1",
+                        help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
     try:
-        ct, pet = discover_inputs(args.input)
+        ct, pet, pet_missing = _discover(args.input)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    return run_one(ct=ct, pet=pet, out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
+    return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
+                   out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
                    device=args.device, debug=args.debug, qc_png=args.qc)
 
 
@@ -125,13 +150,14 @@ def _batch(args) -> int:
     for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
         root = case / "input" if (case / "input" / "images").is_dir() else case
         try:
-            ct, pet = discover_inputs(root)
+            ct, pet, pet_missing = _discover(root)
         except HnsegError as exc:
             print(f"hnseg: error: {case.name}: {exc}", file=sys.stderr)
             failed.append(case.name)
             continue
         report = Path(args.out) / f"{case.name}.report.json"
-        if run_one(ct=ct, pet=pet, out=Path(args.out) / f"{case.name}.mha", weights=args.weights,
+        if run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
+                   out=Path(args.out) / f"{case.name}.mha", weights=args.weights,
                    report_path=report, device=args.device, debug=args.debug):
             failed.append(case.name)
     print(f"hnseg batch: {len(cases) - len(failed)} of {len(cases)} cases ok"
@@ -169,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     common.add_argument("--debug", action="store_true")
+    common.add_argument("--ct-only", action="store_true",
+                        help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
 
     p = sub.add_parser("predict", parents=[common], help="one case: --ct CT --pet PET --out MASK")
     p.add_argument("--ct", type=Path, required=True)
-    p.add_argument("--pet", type=Path, required=True)
+    p.add_argument("--pet", type=Path, default=None, help="required unless the recipe allows CT-only input")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, default=None)
     p.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
@@ -226,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.weights = args.weights or default_weights()
     if args.command == "predict":
-        return run_one(ct=args.ct, pet=args.pet, out=args.out, weights=args.weights, report_path=args.report,
+        return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
+                       report_path=args.report,
                        device=args.device, debug=args.debug, qc_png=args.qc)
     return _batch(args)
 

@@ -9,6 +9,15 @@ class InputError(HnsegError):
     """The input images are missing, unreadable or unusable."""
 
 
+class MissingPetError(InputError):
+    """No PET image where one was looked for. A recipe that allows CT-only input ("pet_optional") runs without it;
+    for any other recipe this is the error the user sees."""
+
+    def __init__(self, message: str, *, folder=None):
+        super().__init__(message)
+        self.folder = folder  # where the PET was looked for
+
+
 class RecipeError(HnsegError):
     """The weights folder or its recipe.json is missing or invalid."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
+from .errors import InputError, MissingPetError, OutputError
 from .grid import Grid
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
@@ -33,14 +33,18 @@ def is_image_file(path: Path) -> bool:
 
 
 def find_single_image(folder: Path, role: str) -> Path:
-    """The one image file in `folder`; an InputError naming the folder when there are none or several."""
+    """The one image file in `folder`; an InputError naming the folder when there are none or several (a
+    MissingPetError when the PET folder is absent or holds no image: a CT-only recipe may go on without it)."""
+    def missing(message: str) -> InputError:
+        return MissingPetError(message, folder=folder) if role == "pet" else InputError(message)
+
     if not folder.is_dir():
-        raise InputError(f"{role.upper()} folder {folder} does not exist: put exactly one {role.upper()} image "
-                         f"({', '.join(IMAGE_SUFFIXES)}) there")
+        raise missing(f"{role.upper()} folder {folder} does not exist: put exactly one {role.upper()} image "
+                      f"({', '.join(IMAGE_SUFFIXES)}) there")
     files = sorted(p for p in folder.iterdir() if is_image_file(p))
     if not files:
-        raise InputError(f"no {role.upper()} image in {folder}: expected exactly one file ending in "
-                         f"{', '.join(IMAGE_SUFFIXES)}")
+        raise missing(f"no {role.upper()} image in {folder}: expected exactly one file ending in "
+                      f"{', '.join(IMAGE_SUFFIXES)}")
     if len(files) > 1:
         raise InputError(f"{len(files)} {role.upper()} images in {folder} ({', '.join(p.name for p in files)}): "
                          f"expected exactly one; remove the extra files")
@@ -141,22 +145,31 @@ def detect_pet_unit(pet: sitk.Image) -> PetUnit:
 
 @dataclass
 class Case:
-    """One validated PET/CT study, on its native grids."""
+    """One validated PET/CT study, on its native grids. In CT-only mode `pet`, `pet_path` and `pet_unit` are None."""
 
     ct: sitk.Image
-    pet: sitk.Image
+    pet: sitk.Image | None
     ct_path: Path
-    pet_path: Path
-    pet_unit: PetUnit
+    pet_path: Path | None
+    pet_unit: PetUnit | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ct_only(self) -> bool:
+        return self.pet is None
+
+    @property
+    def suv_per_stored_value(self) -> float:
+        """The PET's SUV factor (1 in CT-only mode, where no PET voxel is read)."""
+        return self.pet_unit.suv_per_stored_value if self.pet_unit is not None else 1.0
 
     @property
     def ct_grid(self) -> Grid:
         return Grid.of(self.ct)
 
     @property
-    def pet_grid(self) -> Grid:
-        return Grid.of(self.pet)
+    def pet_grid(self) -> Grid | None:
+        return Grid.of(self.pet) if self.pet is not None else None
 
 
 def check_overlap(ct_grid: Grid, pet_grid: Grid, *, ct_path: Path, pet_path: Path, warnings: list[str]) -> None:
@@ -173,21 +186,29 @@ def check_overlap(ct_grid: Grid, pet_grid: Grid, *, ct_path: Path, pet_path: Pat
         warnings.append(f"PET covers only {fraction:.0%} of the CT volume; outside it the PET channel is 0")
 
 
-def load_case(ct_path: Path, pet_path: Path) -> Case:
-    """Read and validate a PET/CT pair."""
-    ct_path, pet_path = Path(ct_path), Path(pet_path)
+def load_case(ct_path: Path, pet_path: Path | None) -> Case:
+    """Read and validate a PET/CT pair; without `pet_path` the CT alone (CT-only mode)."""
+    ct_path = Path(ct_path)
     warnings: list[str] = []
     ct = repair_nonfinite(read_image(ct_path, "ct"), role="ct", path=ct_path, warnings=warnings)
+    if pet_path is None:
+        _check_ct_not_constant(ct, ct_path)
+        return Case(ct, None, ct_path, None, None, warnings)
+    pet_path = Path(pet_path)
     pet = repair_nonfinite(read_image(pet_path, "pet"), role="pet", path=pet_path, warnings=warnings)
     check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
-    ct_coarse = sitk.GetArrayViewFromImage(ct)[::4, ::4, ::4]  # a constant (blank) CT shows on any sub-lattice
-    if ct_coarse.min() == ct_coarse.max():
-        raise InputError(f"CT {ct_path} is constant ({ct_coarse.min()}): expected a CT in HU")
+    _check_ct_not_constant(ct, ct_path)
     pet_unit = detect_pet_unit(pet)
     if pet_unit.p999 <= 0:
         raise InputError(f"PET {pet_path} has no positive uptake (99.9th percentile {pet_unit.p999}): "
                          f"expected an FDG PET in SUV or Bq/mL")
     return Case(ct, pet, ct_path, pet_path, pet_unit, warnings)
+
+
+def _check_ct_not_constant(ct: sitk.Image, ct_path: Path) -> None:
+    ct_coarse = sitk.GetArrayViewFromImage(ct)[::4, ::4, ::4]  # a constant (blank) CT shows on any sub-lattice
+    if ct_coarse.min() == ct_coarse.max():
+        raise InputError(f"CT {ct_path} is constant ({ct_coarse.min()}): expected a CT in HU")
 
 
 LABEL_VALUES = {0, 1, 2}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, MissingPetError, RecipeError
 from .io import Case, load_case, validate_mask
 from .postprocess import postprocess
 from .predict import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
@@ -30,14 +30,23 @@ class Prediction:
     case: Case  # the inputs, for pictures drawn afterwards
 
 
-def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None) -> Prediction:
-    """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model."""
+def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None,
+                 ct_only_reason: str | None = None) -> Prediction:
+    """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model.
+    A case without PET runs in CT-only mode (the recipe must allow it); `ct_only_reason` says why, for the report."""
     report = report or RunReport()
     ct_grid = case.ct_grid
+    if case.ct_only and not recipe.pet_optional:
+        raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
+                          f"true) but case {case.ct_path} has none: give its PET image")
+    report.set("ct_only", case.ct_only)
     report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": ct_grid.to_dict()},
-                          "pet": {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
-                          "pet_unit": case.pet_unit.to_dict()})
+                          "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
+                          "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
     report.set("recipe", recipe.to_dict())
+    if case.ct_only:
+        report.warn(f"CT-only mode ({ct_only_reason or 'no PET image'}): every PET channel is zero-filled and "
+                    f"ROI methods that need PET use a box at the top of the CT")
     for warning in case.warnings:
         report.warn(warning)
 
@@ -79,7 +88,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
 def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):
     with report.stage(f"{prefix}locate_roi"):
         roi = locate_roi(stage.roi.method, ct=case.ct, pet=case.pet, previous=previous,
-                         suv_per_stored_value=case.pet_unit.suv_per_stored_value, params=stage.roi.params)
+                         suv_per_stored_value=case.suv_per_stored_value, params=stage.roi.params)
     record = {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(), "record": roi.record}
     report.stage_record(stage.name)["roi"] = record
     report.set("roi", record)  # the last stage's: the box the mask comes from
@@ -121,9 +130,33 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
     return members
 
 
-def predict_files(ct_path: Path, pet_path: Path, recipe: Recipe, *, device: str = "auto",
-                  report: RunReport | None = None) -> Prediction:
+def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, device: str = "auto",
+                  report: RunReport | None = None, ct_only: bool = False,
+                  pet_missing: MissingPetError | None = None) -> Prediction:
+    """Read, validate and predict one case. CT-only mode when the user asks for it (`ct_only`; a PET given is not
+    read) or when there is no PET (`pet_path` None; `pet_missing` says where none was found); either needs a
+    recipe with "pet_optional": true, else a RecipeError or the missing-PET InputError, before anything is read."""
     report = report or RunReport()
+    reason = ct_only_reason(recipe, pet_path=pet_path, ct_only=ct_only, pet_missing=pet_missing)
     with report.stage("read_and_validate"):
-        case = load_case(ct_path, pet_path)
-    return predict_case(case, recipe, device=device, report=report)
+        case = load_case(ct_path, None if reason else pet_path)
+    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason)
+
+
+def ct_only_reason(recipe: Recipe, *, pet_path: Path | None, ct_only: bool,
+                   pet_missing: MissingPetError | None = None) -> str | None:
+    """Why the case runs CT-only (None: it runs on PET/CT); an error when the recipe does not allow it."""
+    if ct_only:
+        if not recipe.pet_optional:
+            raise RecipeError(f"--ct-only: recipe {recipe.name!r} ({recipe.path}) does not allow CT-only mode (its "
+                              f"models need PET; it does not set \"pet_optional\": true): drop --ct-only and give the "
+                              f"PET, or use weights trained for CT-only input")
+        return "asked for with --ct-only" + (f"; PET {pet_path} not read" if pet_path is not None else "")
+    if pet_path is not None:
+        return None
+    if not recipe.pet_optional:
+        needs = f"recipe {recipe.name!r} needs PET: it does not allow CT-only input (no \"pet_optional\": true)"
+        if pet_missing is not None:
+            raise InputError(f"{pet_missing} ({needs})") from pet_missing
+        raise InputError(f"no PET image given: pass --pet PET.mha ({needs})")
+    return f"no PET image in {pet_missing.folder}" if pet_missing is not None else "no PET image given"

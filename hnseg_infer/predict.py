@@ -26,13 +26,14 @@ def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
 
 
 def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
-    """float32 [C, z, y, x]: each channel sampled once from its native image, then its ops applied."""
+    """float32 [C, z, y, x]: each channel sampled once from its native image, then its ops applied. In CT-only
+    mode every PET channel is zeros (no ops), as CT-only models are trained."""
     images: dict[str, sitk.Image] = {"ct": case.ct, "pet": case.pet}
     sampled: dict[tuple[str, str], np.ndarray] = {}  # the same source/interpolation is sampled once per model
-    suv_factor = case.pet_unit.suv_per_stored_value
+    suv_factor = case.suv_per_stored_value
     channels = []
     for channel in spec.channels:
-        if channel.source == "zero":
+        if channel.source == "zero" or (channel.source == "pet" and case.ct_only):  # CT-only: PET zero-filled
             channels.append(np.zeros(grid.size_zyx, dtype=np.float32))
             continue
         if channel.ops_before_sampling:

@@ -109,6 +109,9 @@ class Recipe:
     name: str
     stages: tuple[StageSpec, ...]
     sha256: str
+    # True when every model may run without PET (trained with its PET channels zero-filled, as HN-UISeg's): a case
+    # without a PET image, or --ct-only, then runs in CT-only mode. False: a missing PET is an input error.
+    pet_optional: bool = False
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:
@@ -119,7 +122,7 @@ class Recipe:
         return self.stages[-1].postprocess
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "name": self.name, "sha256": self.sha256,
+        return {"path": str(self.path), "name": self.name, "sha256": self.sha256, "pet_optional": self.pet_optional,
                 "stages": [{"name": stage.name, "roi": stage.roi.method,
                             "models": [{"name": m.name, "files": [f.name for f in m.files], "sha256": list(m.sha256),
                                         **({"references": refs} if (refs := _references(m)) else {})}
@@ -324,21 +327,22 @@ def load_recipe(weights_dir: Path) -> Recipe:
                           f"re-export the weights with this version's export/to_onnx.py")
     name = r.take("name", kind=str)
     r.take("description", default="", kind=str)
+    pet_optional = r.take("pet_optional", default=False, kind=bool)
     if "stages" in r.obj:  # a cascade
         stage_objs = r.take("stages", kind=list)
         if not stage_objs:
             raise RecipeError(f"{where}: 'stages' is empty")
         stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0)
                        for i, obj in enumerate(stage_objs))
-        r.done(("schema_version", "name", "description", "stages"))
+        r.done(("schema_version", "name", "description", "pet_optional", "stages"))
     else:  # one stage: its keys at the top level
         stage_keys = ("roi", "models", "postprocess")
         stage = {"name": "main", **{key: r.obj.pop(key) for key in stage_keys if key in r.obj}}
-        r.done(("schema_version", "name", "description", "stages", *stage_keys))
+        r.done(("schema_version", "name", "description", "pet_optional", "stages", *stage_keys))
         stages = (_stage(stage, where, path.parent, first=True),)
     _check_unique([s.name for s in stages], "stage", where)
     _check_unique([m.name for s in stages for m in s.models], "model", where)
-    return Recipe(path, name, stages, file_sha256(path))
+    return Recipe(path, name, stages, file_sha256(path), pet_optional)
 
 
 def _stage(obj, where: str, folder: Path, *, first: bool) -> StageSpec:

@@ -43,6 +43,9 @@ DEFAULTS = {
     "labels_centroid_cube": {"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop"},
 }
 NEEDS_PREVIOUS_STAGE = ("labels_bbox", "labels_centroid_cube")
+# Methods that find the head on the PET. In CT-only mode (no PET) they give a box of their own size whose top is
+# the CT's top, centred in-plane on the CT, as `ct_top` does, and say so.
+NEEDS_PET = ("brain_peak_head_crop", "pet_threshold_head_neck_box")
 IMAGE_METHODS = tuple(m for m in DEFAULTS if m not in NEEDS_PREVIOUS_STAGE)
 POSITIVE_KEYS = {"slab_slices", "window_xy_mm", "n_slices", "slice_mm", "superior_slab_mm"}
 NON_NEGATIVE_KEYS = {"margin_mm"}
@@ -141,8 +144,10 @@ class _PetView:
         return self.grid.origin_xyz_mm[1] + np.asarray(iy) * self.grid.spacing_xyz_mm[1]
 
 
-def overlap_box(ct: sitk.Image, pet: sitk.Image) -> Box:
-    """The CT∩PET region as an LPS-aligned box."""
+def overlap_box(ct: sitk.Image, pet: sitk.Image | None) -> Box:
+    """The CT∩PET region as an LPS-aligned box (the CT's extent in CT-only mode, `pet` None)."""
+    if pet is None:
+        return Grid.of(ct).box().in_frame(IDENTITY)
     common = Grid.of(ct).box().in_frame(IDENTITY).intersect(Grid.of(pet).box().in_frame(IDENTITY))
     if common is None:
         raise InputError("PET and CT do not overlap in physical space: check both images' origins and directions")
@@ -374,19 +379,33 @@ def labels_centroid_cube(ct: sitk.Image, pet: sitk.Image, suv_per_stored_value: 
     return RoiResult(found.box, "labels_centroid_cube", True, record, (warning, *found.warnings))
 
 
-def ct_extent(ct: sitk.Image, pet: sitk.Image) -> RoiResult:
-    """The CT's physical extent intersected with the PET's."""
+def ct_extent(ct: sitk.Image, pet: sitk.Image | None) -> RoiResult:
+    """The CT's physical extent intersected with the PET's (the CT's alone in CT-only mode)."""
     return RoiResult(overlap_box(ct, pet), "ct_extent", False, {}, ())
 
 
-def locate_roi(method: str, *, ct: sitk.Image, pet: sitk.Image, suv_per_stored_value: float, params: dict,
+def ct_only_box(method: str, ct: sitk.Image, p: dict) -> RoiResult:
+    """CT-only mode for a method that needs the PET: a box of the method's size at the top of the CT (`ct_top`)."""
+    size_mm = box_size_mm(method, p)
+    found = ct_top(ct, {"size_mm": list(size_mm)})
+    warning = (f"CT-only mode: ROI method {method!r} finds the head on the PET; used instead a "
+               f"{[round(s, 1) for s in size_mm]} mm box whose top is the CT's top, centred in-plane on the CT "
+               f"(as 'ct_top')")
+    record = {"ct_only": True, "used": "ct_top", "size_mm": list(size_mm), **found.record}
+    return RoiResult(found.box, method, True, record, (warning,))
+
+
+def locate_roi(method: str, *, ct: sitk.Image, pet: sitk.Image | None, suv_per_stored_value: float, params: dict,
                previous: StageLabels | None = None) -> RoiResult:
     """The ROI box (physical, LPS-aligned) of a recipe's ROI method; `params` are checked and defaults filled.
-    The `labels_*` methods read `previous`, the labels of the cascade stage before."""
+    The `labels_*` methods read `previous`, the labels of the cascade stage before. Without a PET (CT-only mode)
+    the PET methods give `ct_only_box`."""
     p = check_params(method, params)
     if method in NEEDS_PREVIOUS_STAGE and previous is None:
         raise RecipeError(f"ROI method {method!r} needs the labels of a previous cascade stage; use it in a later "
                           f"stage, not the first")
+    if pet is None and method in NEEDS_PET:
+        return ct_only_box(method, ct, p)
     if method == "brain_peak_head_crop":
         return brain_peak_head_crop(ct, pet, suv_per_stored_value, p)
     if method == "pet_threshold_head_neck_box":
