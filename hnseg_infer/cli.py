@@ -47,8 +47,9 @@ def default_weights() -> Path:
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
-            debug: bool, qc_png: Path | None = None) -> int:
-    """Predict one case and write its mask (and, when asked, its QC picture first); returns the exit code."""
+            debug: bool, qc_png: Path | None = None, sidecar: Path | None = None) -> int:
+    """Predict one case and write its mask (and, when asked, its QC picture and crop sidecar first); returns the
+    exit code."""
     report = RunReport()
     code = 0
     try:
@@ -57,6 +58,8 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
                                    pet_missing=pet_missing)
         if qc_png is not None:
             _draw_qc(prediction, qc_png, case_name=Path(ct).name)
+        if sidecar is not None:
+            _write_sidecar(prediction, sidecar, mask_path=out)
         with report.stage("write"):
             write_image_atomic(prediction.mask, out)
         report.set("output", str(out))
@@ -108,6 +111,14 @@ def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | Non
     return ct, pet, None
 
 
+def _write_sidecar(prediction, sidecar: Path, *, mask_path: Path) -> None:
+    from .paste_back import write_sidecar
+
+    with prediction.report.stage("sidecar"):
+        write_sidecar(sidecar, prediction.report.data["crop"], prediction.model_labels, mask_path=mask_path)
+    prediction.report.set("sidecar", str(sidecar))
+
+
 def _env_path(name: str, default) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else (Path(default) if default is not None else None)
@@ -125,6 +136,9 @@ def container_main(argv: list[str] | None = None) -> int:
                         help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
     parser.add_argument("--ct-only", action="store_true", default=os.environ.get("HNSEG_CT_ONLY") == "1",
                         help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
+    parser.add_argument("--sidecar", type=Path, default=_env_path("HNSEG_SIDECAR", None),
+                        help="also write the crop provenance (JSON; model-grid labels beside it with restore "
+                             "paste_nearest) here; keep it outside --output on grand-challenge")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -135,7 +149,7 @@ def container_main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
                    out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
-                   device=args.device, debug=args.debug, qc_png=args.qc)
+                   device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar)
 
 
 def _batch(args) -> int:
@@ -204,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--report", type=Path, default=None)
     p.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
+    p.add_argument("--sidecar", type=Path, default=None,
+                   help="also write the crop provenance (JSON: crop indices, grids, ROI record) here")
 
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
@@ -256,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict":
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,
-                       device=args.device, debug=args.debug, qc_png=args.qc)
+                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar)
     return _batch(args)
 
 

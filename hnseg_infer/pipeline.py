@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from .errors import InputError, MissingPetError, RecipeError
 from .io import Case, load_case, validate_mask
+from .paste_back import ModelLabels, crop_record, decode_on_model_grid, paste_nearest
 from .postprocess import postprocess
 from .predict import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
 from .recipe import Recipe, StageSpec
@@ -28,6 +29,7 @@ class Prediction:
     mask: sitk.Image
     report: RunReport
     case: Case  # the inputs, for pictures drawn afterwards
+    model_labels: ModelLabels | None = None  # restore paste_nearest: the labels on the model grid (for the sidecar)
 
 
 def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None,
@@ -72,8 +74,16 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
                          f"{case.ct_path}: check the CT's origin and direction")
     roi_grid, roi_slices_zyx = cropped
     report.set("roi_grid", roi_grid.to_dict())
+    model_labels = None
     with report.stage("restore_to_ct_and_decode"):
-        labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, roi_grid)
+        if stage.restore == "paste_nearest":  # SNU: decoded on the model grid, then nearest neighbour (paste_back)
+            model_labels = decode_on_model_grid(members, stage.models)
+            labels_zyx = paste_nearest(model_labels, roi_grid)
+        else:
+            labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, roi_grid)
+    report.set("crop", crop_record(case=case, stage=stage, roi=report.data["roi"],
+                                   model_grids=[m.grid for m in members], paste_grid=roi_grid,
+                                   paste_slices_zyx=roi_slices_zyx, labels=model_labels))
     del members
     with report.stage("postprocess"):
         labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm,
@@ -82,7 +92,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
     validate_mask(mask, ct_grid)
     report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
-    return Prediction(mask, report, case)
+    return Prediction(mask, report, case, model_labels)
 
 
 def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):

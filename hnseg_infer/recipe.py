@@ -27,6 +27,7 @@ ORIENTATIONS = ("lps", "ct", "ras")
 INTERPOLATIONS = ("linear", "bspline")
 FOLD_AVERAGES = ("probabilities", "logits")
 GRID_SPACINGS = ("exact", "fit_roi")
+RESTORES = ("probabilities", "paste_nearest")  # a last stage's "restore"
 TILINGS = ("nnunet", "monai")  # the sliding window's tile placement and Gaussian: nnU-Net's or MONAI's
 
 
@@ -101,6 +102,9 @@ class StageSpec:
     roi: RoiSpec
     models: tuple[ModelSpec, ...]
     postprocess: PostprocessConfig
+    # How the last stage's labels reach the CT grid (RESTORES): probabilities interpolated onto the CT voxels then
+    # decoded (restore.py), or SNU's labels decoded on the model grid then nearest neighbour (paste_back.py).
+    restore: str = "probabilities"
 
 
 @dataclass(frozen=True)
@@ -332,20 +336,21 @@ def load_recipe(weights_dir: Path) -> Recipe:
         stage_objs = r.take("stages", kind=list)
         if not stage_objs:
             raise RecipeError(f"{where}: 'stages' is empty")
-        stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0)
+        stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0,
+                              last=i == len(stage_objs) - 1)
                        for i, obj in enumerate(stage_objs))
         r.done(("schema_version", "name", "description", "pet_optional", "stages"))
     else:  # one stage: its keys at the top level
-        stage_keys = ("roi", "models", "postprocess")
+        stage_keys = ("roi", "models", "postprocess", "restore")
         stage = {"name": "main", **{key: r.obj.pop(key) for key in stage_keys if key in r.obj}}
         r.done(("schema_version", "name", "description", "pet_optional", "stages", *stage_keys))
-        stages = (_stage(stage, where, path.parent, first=True),)
+        stages = (_stage(stage, where, path.parent, first=True, last=True),)
     _check_unique([s.name for s in stages], "stage", where)
     _check_unique([m.name for s in stages for m in s.models], "model", where)
     return Recipe(path, name, stages, file_sha256(path), pet_optional)
 
 
-def _stage(obj, where: str, folder: Path, *, first: bool) -> StageSpec:
+def _stage(obj, where: str, folder: Path, *, first: bool, last: bool = True) -> StageSpec:
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     roi_reader = _Reader(r.take("roi"), f"{where} roi")
@@ -366,8 +371,19 @@ def _stage(obj, where: str, folder: Path, *, first: bool) -> StageSpec:
     for i, model in enumerate(models):
         _check_references_fit(model, roi, f"{where} models[{i}] ({model.name})")
     postprocess = PostprocessConfig.from_dict(r.take("postprocess", default={}, kind=dict))
-    r.done(("name", "roi", "models", "postprocess"))
-    return StageSpec(name, roi, models, postprocess)
+    restore = _restore(r, where, last=last)
+    r.done(("name", "roi", "models", "postprocess", "restore"))
+    return StageSpec(name, roi, models, postprocess, restore)
+
+
+def _restore(r: _Reader, where: str, *, last: bool) -> str:
+    if not last and "restore" in r.obj:
+        raise RecipeError(f"{where}: 'restore' applies to the last stage only (an earlier stage's labels are decoded "
+                          f"on its first model's grid for the next ROI): remove it here")
+    restore = r.take("restore", default="probabilities", kind=str)
+    if restore not in RESTORES:
+        raise RecipeError(f"{where}: restore must be one of {RESTORES}, got {restore!r}")
+    return restore
 
 
 def _check_references_fit(model: ModelSpec, roi: RoiSpec, where: str) -> None:
