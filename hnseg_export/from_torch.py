@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
-from hnseg_infer.recipe import ModelSpec, file_sha256
+from hnseg_infer.recipe import RESTORES, ModelSpec, file_sha256
 from hnseg_infer.recipe import parse_model as validate_model_entry
 
 from .onnx_export import (OUTPUT_NAME, SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
@@ -52,6 +52,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--postprocess", default="{}", metavar="JSON",
                         help="the recipe's post-processing as JSON (default {}: none)")
     parser.add_argument("--name", default=None, help="recipe name (default: the spec's model name)")
+    parser.add_argument("--restore", choices=RESTORES, default="probabilities",
+                        help="how labels reach the CT grid: probabilities interpolated onto the CT, then decoded "
+                             "(default), or paste_nearest: decoded on the model grid, then nearest neighbour (SNU)")
 
 
 def export(args) -> Path:
@@ -74,7 +77,8 @@ def export(args) -> Path:
                            patch_zyx=model.patch_size_zyx, module=args.module, spec_path=args.model_spec)
         write_recipe(staging, name=args.name or spec["name"],
                      description=f"{args.module} ({len(files)} fold(s)), exported by the torch route",
-                     roi=roi, models=[{**spec, "files": files, "provenance": provenance}], postprocess=postprocess)
+                     roi=roi, models=[{**spec, "files": files, "provenance": provenance}], postprocess=postprocess,
+                     restore=args.restore)
     return Path(args.out)
 
 

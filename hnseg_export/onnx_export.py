@@ -219,11 +219,12 @@ def load_strictly(network: torch.nn.Module, state_dict: dict, *, source: str, fi
 
 
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],
-                 postprocess: dict) -> Path:
+                 postprocess: dict, restore: str = "probabilities") -> Path:
     """recipe.json in `folder`, then read back through hnseg_infer's own validator: a recipe that the runtime
-    would refuse fails the export instead."""
+    would refuse fails the export instead. `restore` is written only when it is not the default."""
     recipe = {"schema_version": SCHEMA_VERSION, "name": name, "description": description, "roi": roi,
-              "models": models, "postprocess": postprocess}
+              "models": models, "postprocess": postprocess,
+              **({"restore": restore} if restore != "probabilities" else {})}
     path = Path(folder) / RECIPE_FILE
     path.write_text(json.dumps(recipe, indent=2) + "\n")
     try:
