@@ -29,6 +29,7 @@ from hnseg_infer.recipe import parse_model as validate_model_entry
 
 from .onnx_export import (OUTPUT_NAME, SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
                           proof_input, run_onnx, staged_weights, write_recipe)
+from .stochastic import add_stochastic_twins, uncertainty_block
 
 CONTAINER_KEYS = ("state_dict", "model", "network_weights")  # Lightning/our trainers, common scripts, nnU-Net
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DistributedDataParallel, torch.compile
@@ -52,6 +53,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--postprocess", default="{}", metavar="JSON",
                         help="the recipe's post-processing as JSON (default {}: none)")
     parser.add_argument("--name", default=None, help="recipe name (default: the spec's model name)")
+    parser.add_argument("--uncertainty", default=None, metavar="JSON",
+                        help="the recipe's uncertainty block (HN-UISeg), e.g. '{\"passes\": 8, \"dropout_rate\": "
+                             "0.05, \"seed\": 0, \"augmentations\": {\"flip\": {\"axes_zyx\": [0, 1, 2]}}}'; "
+                             "with a dropout rate > 0 each fold also gets a proven stochastic twin "
+                             "(<fold>.stochastic.onnx, its nn.Dropout modules active)")
     parser.add_argument("--restore", choices=RESTORES, default="probabilities",
                         help="how labels reach the CT grid: probabilities interpolated onto the CT, then decoded "
                              "(default), or paste_nearest: decoded on the model grid, then nearest neighbour (SNU)")
@@ -64,6 +70,7 @@ def export(args) -> Path:
     kwargs = json_object(args.kwargs, "--kwargs")
     fold_names = [f"{_file_safe(spec['name'])}_fold{i}" for i in range(len(args.state_dict))]
     model = _validate_early(spec, roi, postprocess, spec_path=args.model_spec, fold_names=fold_names)
+    uncertainty = uncertainty_block(args.uncertainty, model)
     networks, state_dicts = _load_folds(import_class(args.module), kwargs, dict(zip(fold_names, args.state_dict)),
                                         module=args.module)
     source = {"route": "torch", "module": args.module, "kwargs": kwargs, "state_dicts": state_dicts,
@@ -75,10 +82,13 @@ def export(args) -> Path:
         for file in files:
             _check_outputs(staging / file, model.head.n_outputs, n_channels=n_channels,
                            patch_zyx=model.patch_size_zyx, module=args.module, spec_path=args.model_spec)
+        twins = add_stochastic_twins(uncertainty, networks, staging, model=model, module=args.module)
+        if twins:
+            provenance["stochastic"] = twins.pop("stochastic_provenance")
         write_recipe(staging, name=args.name or spec["name"],
                      description=f"{args.module} ({len(files)} fold(s)), exported by the torch route",
-                     roi=roi, models=[{**spec, "files": files, "provenance": provenance}], postprocess=postprocess,
-                     restore=args.restore)
+                     roi=roi, models=[{**spec, "files": files, **twins, "provenance": provenance}],
+                     postprocess=postprocess, restore=args.restore, uncertainty=uncertainty)
     return Path(args.out)
 
 

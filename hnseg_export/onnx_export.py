@@ -219,12 +219,13 @@ def load_strictly(network: torch.nn.Module, state_dict: dict, *, source: str, fi
 
 
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],
-                 postprocess: dict, restore: str = "probabilities") -> Path:
+                 postprocess: dict, restore: str = "probabilities", uncertainty: dict | None = None) -> Path:
     """recipe.json in `folder`, then read back through hnseg_infer's own validator: a recipe that the runtime
     would refuse fails the export instead. `restore` is written only when it is not the default."""
     recipe = {"schema_version": SCHEMA_VERSION, "name": name, "description": description, "roi": roi,
               "models": models, "postprocess": postprocess,
-              **({"restore": restore} if restore != "probabilities" else {})}
+              **({"restore": restore} if restore != "probabilities" else {}),
+              **({"uncertainty": uncertainty} if uncertainty is not None else {})}
     path = Path(folder) / RECIPE_FILE
     path.write_text(json.dumps(recipe, indent=2) + "\n")
     try:

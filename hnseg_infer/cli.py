@@ -17,6 +17,7 @@ from .io import discover_inputs, find_single_image, write_image_atomic
 from .pipeline import predict_files
 from .recipe import RECIPE_FILE, load_recipe
 from .report import RunReport
+from .uncertainty import UncertaintyOptions, write_maps
 
 GC_OUTPUT_RELATIVE = Path("images/tumor-lymph-node-segmentation/output.mha")
 GC_MODEL_DIR = Path("/opt/ml/model")
@@ -47,19 +48,25 @@ def default_weights() -> Path:
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
-            debug: bool, qc_png: Path | None = None, sidecar: Path | None = None) -> int:
-    """Predict one case and write its mask (and, when asked, its QC picture and crop sidecar first); returns the
-    exit code."""
+            debug: bool, qc_png: Path | None = None, sidecar: Path | None = None,
+            uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
+    """Predict one case and write its mask (and, when asked, its QC picture, crop sidecar and uncertainty maps
+    first). Returns the exit code."""
     report = RunReport()
     code = 0
     try:
         recipe = load_recipe(resolve_weights(weights))
         prediction = predict_files(ct, pet, recipe, device=device, report=report, ct_only=ct_only,
-                                   pet_missing=pet_missing)
+                                   pet_missing=pet_missing,
+                                   uncertainty=UncertaintyOptions(seed=uncertainty_seed) if uncertainty_dir else None)
         if qc_png is not None:
             _draw_qc(prediction, qc_png, case_name=Path(ct).name)
         if sidecar is not None:
             _write_sidecar(prediction, sidecar, mask_path=out)
+        if uncertainty_dir is not None:
+            with report.stage("write_uncertainty"):
+                report.data["uncertainty"]["files"] = write_maps(prediction.uncertainty, prediction.case.ct_grid,
+                                                                 uncertainty_dir)
         with report.stage("write"):
             write_image_atomic(prediction.mask, out)
         report.set("output", str(out))
@@ -139,6 +146,10 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sidecar", type=Path, default=_env_path("HNSEG_SIDECAR", None),
                         help="also write the crop provenance (JSON; model-grid labels beside it with restore "
                              "paste_nearest) here; keep it outside --output on grand-challenge")
+    parser.add_argument("--uncertainty", type=Path, default=_env_path("HNSEG_UNCERTAINTY", None), metavar="DIR",
+                        help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR, from "
+                             "the recipe's uncertainty passes; keep DIR outside --output on grand-challenge")
+    parser.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -149,7 +160,8 @@ def container_main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
                    out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
-                   device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar)
+                   device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
+                   uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
 
 
 def _batch(args) -> int:
@@ -221,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sidecar", type=Path, default=None,
                    help="also write the crop provenance (JSON: crop indices, grids, ROI record) here")
 
+    p.add_argument("--uncertainty", type=Path, default=None, metavar="DIR",
+                   help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR")
+    p.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
@@ -272,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict":
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,
-                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar)
+                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
+                       uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
     return _batch(args)
 
 

@@ -22,6 +22,7 @@ from .recipe import Recipe, StageSpec
 from .report import RunReport, label_volumes
 from .restore import Member, OutputSpace, paste
 from .roi import StageLabels, locate_roi
+from .uncertainty import UncertaintyMaps, UncertaintyOptions, estimate, resolve, summarise
 
 
 @dataclass
@@ -30,10 +31,12 @@ class Prediction:
     report: RunReport
     case: Case  # the inputs, for pictures drawn afterwards
     model_labels: ModelLabels | None = None  # restore paste_nearest: the labels on the model grid (for the sidecar)
+    uncertainty: UncertaintyMaps | None = None  # when asked for: mean probabilities and entropy in the ROI
 
 
 def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None,
-                 ct_only_reason: str | None = None) -> Prediction:
+                 ct_only_reason: str | None = None,
+                 uncertainty: UncertaintyOptions | None = None) -> Prediction:
     """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model.
     A case without PET runs in CT-only mode (the recipe must allow it); `ct_only_reason` says why, for the report."""
     report = report or RunReport()
@@ -42,6 +45,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
                           f"true) but case {case.ct_path} has none: give its PET image")
     report.set("ct_only", case.ct_only)
+    config = resolve(recipe, uncertainty) if uncertainty is not None else None  # refused before any model runs
     report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": ct_grid.to_dict()},
                           "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
                           "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
@@ -89,10 +93,16 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm,
                                               config=stage.postprocess)
     report.set("postprocess", post_record)
+    maps = None
+    if config is not None:
+        with report.stage("uncertainty"):
+            maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid, roi_slices_zyx=roi_slices_zyx,
+                            folds=folds, device=device, report=report)
+        report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
     validate_mask(mask, ct_grid)
     report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
-    return Prediction(mask, report, case, model_labels)
+    return Prediction(mask, report, case, model_labels, maps)
 
 
 def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):
@@ -142,7 +152,8 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
 
 def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, device: str = "auto",
                   report: RunReport | None = None, ct_only: bool = False,
-                  pet_missing: MissingPetError | None = None) -> Prediction:
+                  pet_missing: MissingPetError | None = None,
+                  uncertainty: UncertaintyOptions | None = None) -> Prediction:
     """Read, validate and predict one case. CT-only mode when the user asks for it (`ct_only`; a PET given is not
     read) or when there is no PET (`pet_path` None; `pet_missing` says where none was found); either needs a
     recipe with "pet_optional": true, else a RecipeError or the missing-PET InputError, before anything is read."""
@@ -150,7 +161,8 @@ def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, devic
     reason = ct_only_reason(recipe, pet_path=pet_path, ct_only=ct_only, pet_missing=pet_missing)
     with report.stage("read_and_validate"):
         case = load_case(ct_path, None if reason else pet_path)
-    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason)
+    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason,
+                        uncertainty=uncertainty)
 
 
 def ct_only_reason(recipe: Recipe, *, pet_path: Path | None, ct_only: bool,

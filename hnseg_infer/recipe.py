@@ -17,6 +17,7 @@ from .grid import Box, Grid
 from .harmonise import SpectrumReference, check_fits
 from .intensity import SOURCES, validate_ops
 from .postprocess import PostprocessConfig
+from .uncertainty_config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
 from .roi import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
 
 SCHEMA_VERSION = 1
@@ -85,6 +86,9 @@ class ModelSpec:
     # "exact": the grid has spacing_xyz_mm exactly; "fit_roi": the voxel count is rounded and the spacing adjusted
     # so that the voxels fill the ROI box exactly (nnU-Net's resampling of a whole image).
     grid_spacing: str = "exact"
+    # Monte-Carlo dropout: one stochastic twin per fold (mc_dropout.py), used only by uncertainty passes.
+    stochastic_files: tuple[Path, ...] = ()
+    stochastic_sha256: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Recipe:
     # True when every model may run without PET (trained with its PET channels zero-filled, as HN-UISeg's): a case
     # without a PET image, or --ct-only, then runs in CT-only mode. False: a missing PET is an input error.
     pet_optional: bool = False
+    uncertainty: UncertaintyConfig | None = None  # the optional `uncertainty` block (uncertainty_config.py)
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:
@@ -227,7 +232,7 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     """One recipe model entry, validated (`where` names it in messages; `folder` holds its files)."""
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
             "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
-            "tiling", "overlap", "grid_spacing")
+            "tiling", "overlap", "grid_spacing", "stochastic_files")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -268,10 +273,12 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     grid_spacing = r.take("grid_spacing", default="exact", kind=str)
     if grid_spacing not in GRID_SPACINGS:
         raise RecipeError(f"{where}: grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
+    stochastic = parse_stochastic_files(r.take("stochastic_files", default=[]), n_files=len(files), where=where,
+                                        folder=folder)
     r.done(keys)
     return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, orientation, patch, channels, head,
                      fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap,
-                     grid_spacing)
+                     grid_spacing, stochastic, tuple(file_sha256(f) for f in stochastic))
 
 
 def _tiling(r: _Reader, where: str) -> tuple[str, float | None, float]:
@@ -332,6 +339,7 @@ def load_recipe(weights_dir: Path) -> Recipe:
     name = r.take("name", kind=str)
     r.take("description", default="", kind=str)
     pet_optional = r.take("pet_optional", default=False, kind=bool)
+    uncertainty = r.take("uncertainty", default=None)
     if "stages" in r.obj:  # a cascade
         stage_objs = r.take("stages", kind=list)
         if not stage_objs:
@@ -339,15 +347,18 @@ def load_recipe(weights_dir: Path) -> Recipe:
         stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0,
                               last=i == len(stage_objs) - 1)
                        for i, obj in enumerate(stage_objs))
-        r.done(("schema_version", "name", "description", "pet_optional", "stages"))
+        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "stages"))
     else:  # one stage: its keys at the top level
         stage_keys = ("roi", "models", "postprocess", "restore")
         stage = {"name": "main", **{key: r.obj.pop(key) for key in stage_keys if key in r.obj}}
-        r.done(("schema_version", "name", "description", "pet_optional", "stages", *stage_keys))
+        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "stages", *stage_keys))
         stages = (_stage(stage, where, path.parent, first=True, last=True),)
     _check_unique([s.name for s in stages], "stage", where)
     _check_unique([m.name for s in stages for m in s.models], "model", where)
-    return Recipe(path, name, stages, file_sha256(path), pet_optional)
+    if uncertainty is not None:
+        uncertainty = parse_uncertainty(uncertainty, f"{where} uncertainty")
+        check_stage(uncertainty, stages[-1], f"{where} uncertainty")
+    return Recipe(path, name, stages, file_sha256(path), pet_optional, uncertainty)
 
 
 def _stage(obj, where: str, folder: Path, *, first: bool, last: bool = True) -> StageSpec:
