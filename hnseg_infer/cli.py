@@ -12,6 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .clicks import load_clicks
 from .errors import HnsegError, MissingPetError, RecipeError
 from .io import discover_inputs, find_single_image, write_image_atomic
 from .pipeline import predict_files
@@ -48,16 +49,16 @@ def default_weights() -> Path:
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
-            debug: bool, qc_png: Path | None = None, sidecar: Path | None = None,
+            debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
     """Predict one case and write its mask (and, when asked, its QC picture, crop sidecar and uncertainty maps
-    first). Returns the exit code."""
+    first); with `clicks` (a clicks JSON file) the prediction is refined by them. Returns the exit code."""
     report = RunReport()
     code = 0
     try:
         recipe = load_recipe(resolve_weights(weights))
         prediction = predict_files(ct, pet, recipe, device=device, report=report, ct_only=ct_only,
-                                   pet_missing=pet_missing,
+                                   pet_missing=pet_missing, clicks=load_clicks(clicks) if clicks else None,
                                    uncertainty=UncertaintyOptions(seed=uncertainty_seed) if uncertainty_dir else None)
         if qc_png is not None:
             _draw_qc(prediction, qc_png, case_name=Path(ct).name)
@@ -233,9 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sidecar", type=Path, default=None,
                    help="also write the crop provenance (JSON: crop indices, grids, ROI record) here")
 
-    p.add_argument("--uncertainty", type=Path, default=None, metavar="DIR",
-                   help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR")
-    p.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    for parser_ in (p, r := sub.add_parser("refine", parents=[common], help="one case refined by clicks: --ct CT "
+                                           "--pet PET --clicks clicks.json --out MASK (a model with prompt channels)")):
+        parser_.add_argument("--uncertainty", type=Path, default=None, metavar="DIR",
+                             help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR")
+        parser_.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    r.add_argument("--ct", type=Path, required=True)
+    r.add_argument("--pet", type=Path, default=None, help="required unless the recipe allows CT-only input")
+    r.add_argument("--clicks", type=Path, required=True,
+                   help='JSON: {"clicks": [{"point_mm": [x, y, z], "label": "GTVp"|"GTVn", "type": '
+                        '"positive"|"negative"}]}, points in mm (LPS, as ITK)')
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--report", type=Path, default=None)
+    r.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
 
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
@@ -285,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hnseg qc: wrote {args.out} in {seconds:.1f} s ({centre.describe()})")
         return 0
     args.weights = args.weights or default_weights()
-    if args.command == "predict":
+    if args.command in ("predict", "refine"):
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,
-                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
-                       uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
+                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=getattr(args, "sidecar", None),
+                       clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
+                       uncertainty_seed=args.uncertainty_seed)
     return _batch(args)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import RecipeError
 from .harmonise import DEFAULT_RADIUS, harmonise, load_reference
 
-SOURCES = ("ct", "pet", "zero")
+SOURCES = ("ct", "pet", "zero", "clicks_gtvp", "clicks_gtvn")  # clicks_*: the click prompts (clicks.py)
 
 
 def _window(x, *, min, max, to):  # noqa: A002 - recipe key names

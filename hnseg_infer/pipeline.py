@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .clicks import Clicks, check_before_run, check_landed
 from .errors import InputError, MissingPetError, RecipeError
 from .io import Case, load_case, validate_mask
 from .paste_back import ModelLabels, crop_record, decode_on_model_grid, paste_nearest
@@ -35,7 +36,7 @@ class Prediction:
 
 
 def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None,
-                 ct_only_reason: str | None = None,
+                 ct_only_reason: str | None = None, clicks: Clicks | None = None,
                  uncertainty: UncertaintyOptions | None = None) -> Prediction:
     """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model.
     A case without PET runs in CT-only mode (the recipe must allow it); `ct_only_reason` says why, for the report."""
@@ -45,7 +46,9 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
                           f"true) but case {case.ct_path} has none: give its PET image")
     report.set("ct_only", case.ct_only)
-    config = resolve(recipe, uncertainty) if uncertainty is not None else None  # refused before any model runs
+    config = resolve(recipe, uncertainty) if uncertainty is not None else None  # clicks, uncertainty: refused early
+    if clicks is not None:
+        report.set("clicks", check_before_run(clicks, recipe, ct_grid=ct_grid, ct_path=case.ct_path))
     report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": ct_grid.to_dict()},
                           "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
                           "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
@@ -67,11 +70,13 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     for index, stage in enumerate(recipe.stages):
         prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
         roi = _locate(case, stage, previous, report, prefix)
-        members = _run_models(case, stage, folds, roi.box, report, prefix)
+        members = _run_models(case, stage, folds, roi.box, report, prefix, clicks=clicks)
         if index < len(recipe.stages) - 1:
             previous = _stage_labels(stage, members, roi.box, report, prefix)
             del members
 
+    if clicks is not None:
+        check_landed(clicks)
     cropped = ct_grid.crop_to(roi.box)
     if cropped is None:
         raise InputError(f"the ROI found by {roi.method!r} ({roi.box.to_dict()}) holds no voxel of CT "
@@ -97,7 +102,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     if config is not None:
         with report.stage("uncertainty"):
             maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid, roi_slices_zyx=roi_slices_zyx,
-                            folds=folds, device=device, report=report)
+                            folds=folds, device=device, report=report, clicks=clicks)
         report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
     mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
     validate_mask(mask, ct_grid)
@@ -130,7 +135,8 @@ def _stage_labels(stage: StageSpec, members: list[Member], roi_box, report: RunR
     return StageLabels(stage.name, labels_zyx, grid, roi_box)
 
 
-def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunReport, prefix: str) -> list[Member]:
+def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunReport, prefix: str, *,
+                clicks: Clicks | None = None) -> list[Member]:
     """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
     space = OutputSpace.for_models(stage.models)
     members, records = [], []
@@ -139,7 +145,7 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
         for note in harmonisation_notes(spec, grid):
             report.warn(f"{prefix}{spec.name}: {note}")
         with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
-            image_czyx = build_input(case, grid, spec)
+            image_czyx = build_input(case, grid, spec, clicks=clicks)
         with report.stage(f"{prefix}{spec.name}: sliding_window"):
             probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
         del image_czyx
@@ -152,7 +158,7 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
 
 def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, device: str = "auto",
                   report: RunReport | None = None, ct_only: bool = False,
-                  pet_missing: MissingPetError | None = None,
+                  pet_missing: MissingPetError | None = None, clicks: Clicks | None = None,
                   uncertainty: UncertaintyOptions | None = None) -> Prediction:
     """Read, validate and predict one case. CT-only mode when the user asks for it (`ct_only`; a PET given is not
     read) or when there is no PET (`pet_path` None; `pet_missing` says where none was found); either needs a
@@ -161,7 +167,7 @@ def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, devic
     reason = ct_only_reason(recipe, pet_path=pet_path, ct_only=ct_only, pet_missing=pet_missing)
     with report.stage("read_and_validate"):
         case = load_case(ct_path, None if reason else pet_path)
-    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason,
+    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason, clicks=clicks,
                         uncertainty=uncertainty)
 
 

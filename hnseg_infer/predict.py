@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from .clicks import PROMPT_SOURCES, Clicks
+from .clicks import encode as encode_clicks
 from .engine import OnnxModel
 from .errors import ModelError
 from .grid import IDENTITY, Box, Grid, sample
@@ -25,7 +27,7 @@ def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
     return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm, fit_box=spec.grid_spacing == "fit_roi")
 
 
-def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
+def build_input(case: Case, grid: Grid, spec: ModelSpec, *, clicks: Clicks | None = None) -> np.ndarray:
     """float32 [C, z, y, x]: each channel sampled once from its native image, then its ops applied. In CT-only
     mode every PET channel is zeros (no ops), as CT-only models are trained."""
     images: dict[str, sitk.Image] = {"ct": case.ct, "pet": case.pet}
@@ -33,6 +35,10 @@ def build_input(case: Case, grid: Grid, spec: ModelSpec) -> np.ndarray:
     suv_factor = case.suv_per_stored_value
     channels = []
     for channel in spec.channels:
+        if channel.source in PROMPT_SOURCES:  # click prompts: spheres on this grid, zeros without clicks
+            channels.append(apply_ops(encode_clicks(clicks, channel.source, grid), channel.ops,
+                                      suv_per_stored_value=suv_factor))
+            continue
         if channel.source == "zero" or (channel.source == "pet" and case.ct_only):  # CT-only: PET zero-filled
             channels.append(np.zeros(grid.size_zyx, dtype=np.float32))
             continue

@@ -73,7 +73,7 @@ def resolve(recipe, options: UncertaintyOptions) -> UncertaintyConfig:
 
 
 def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid: Grid, roi_slices_zyx, folds: dict,
-             device: str, report: RunReport) -> UncertaintyMaps:
+             device: str, report: RunReport, clicks=None) -> UncertaintyMaps:
     """Run the passes over `stage`'s models and return the maps on `roi_grid` (the CT voxels in the ROI box).
     `folds`: the plain sessions per model name (used when the dropout rate is 0)."""
     runs = _stochastic_models(stage, config, device, report) if config.dropout_rate > 0 else None
@@ -92,7 +92,7 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
         for m, (spec, grid) in enumerate(zip(stage.models, grids)):
             folds_p = folds[spec.name] if runs is None else [
                 model.bind(config.dropout_rate, _seeds(config.seed, p, m, f)) for f, model in enumerate(runs[spec.name])]
-            probabilities = _one_pass(case, spec, grid, draw, folds_p,
+            probabilities = _one_pass(case, spec, grid, draw, folds_p, clicks=clicks,
                                       noise_rng=np.random.default_rng([config.seed, p, m, 1]))
             totals[m] = probabilities if totals[m] is None else np.add(totals[m], probabilities, out=totals[m])
         durations.append(time.perf_counter() - start)
@@ -123,12 +123,12 @@ def _stochastic_models(stage, config: UncertaintyConfig, device: str, report: Ru
     return runs
 
 
-def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, noise_rng) -> np.ndarray:
+def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, clicks, noise_rng) -> np.ndarray:
     """One model's fold-averaged head probabilities [K, z, y, x] on `grid` for one pass: the augmentation, the
     network (stochastic twins or plain folds, no mirroring), the inverse augmentation."""
     pass_grid = tta.rotated_grid(grid, axis_zyx=draw.axis_zyx, degrees=draw.degrees) if draw.kind == "rotation" \
         else grid
-    image = build_input(case, pass_grid, spec)
+    image = build_input(case, pass_grid, spec, clicks=clicks)
     if draw.kind == "noise":
         tta.add_noise(image, image_channels=[c for c, ch in enumerate(spec.channels) if ch.source in IMAGE_SOURCES],
                       std_fraction=draw.noise_std, rng=noise_rng)
