@@ -1,4 +1,5 @@
-"""Command line: `hnseg predict`, `batch`, `evaluate`, `qc`, `phantom`, and the grand-challenge entry (process.py).
+"""Command line: `hnseg predict`, `refine`, `batch`, `evaluate`, `qc`, `phantom`, and the grand-challenge entry
+(process.py).
 
 Errors the user can fix (HnsegError) print one line on stderr and exit 2; unexpected ones exit 1. Either way
 nothing is left under the output path, and the run report (status "error") still goes to --report.
