@@ -53,6 +53,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--postprocess", default="{}", metavar="JSON",
                         help="the recipe's post-processing as JSON (default {}: none)")
     parser.add_argument("--name", default=None, help="recipe name (default: the spec's model name)")
+    parser.add_argument("--pet-optional", action="store_true",
+                        help="the network was trained to run without PET (its PET channels zero-filled): the recipe "
+                             "gets \"pet_optional\": true, so cases without PET (or --ct-only) run in CT-only mode")
     parser.add_argument("--uncertainty", default=None, metavar="JSON",
                         help="the recipe's uncertainty block (HN-UISeg), e.g. '{\"passes\": 8, \"dropout_rate\": "
                              "0.05, \"seed\": 0, \"augmentations\": {\"flip\": {\"axes_zyx\": [0, 1, 2]}}}'; "
@@ -88,7 +91,8 @@ def export(args) -> Path:
         write_recipe(staging, name=args.name or spec["name"],
                      description=f"{args.module} ({len(files)} fold(s)), exported by the torch route",
                      roi=roi, models=[{**spec, "files": files, **twins, "provenance": provenance}],
-                     postprocess=postprocess, restore=args.restore, uncertainty=uncertainty)
+                     postprocess=postprocess, restore=args.restore, uncertainty=uncertainty,
+                     pet_optional=args.pet_optional)
     return Path(args.out)
 
 

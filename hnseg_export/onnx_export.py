@@ -219,10 +219,12 @@ def load_strictly(network: torch.nn.Module, state_dict: dict, *, source: str, fi
 
 
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],
-                 postprocess: dict, restore: str = "probabilities", uncertainty: dict | None = None) -> Path:
+                 postprocess: dict, restore: str = "probabilities", uncertainty: dict | None = None,
+                 pet_optional: bool = False) -> Path:
     """recipe.json in `folder`, then read back through hnseg_infer's own validator: a recipe that the runtime
-    would refuse fails the export instead. `restore` is written only when it is not the default."""
-    recipe = {"schema_version": SCHEMA_VERSION, "name": name, "description": description, "roi": roi,
+    would refuse fails the export instead. `restore` and `pet_optional` are written only when not the default."""
+    recipe = {"schema_version": SCHEMA_VERSION, "name": name, "description": description,
+              **({"pet_optional": True} if pet_optional else {}), "roi": roi,
               "models": models, "postprocess": postprocess,
               **({"restore": restore} if restore != "probabilities" else {}),
               **({"uncertainty": uncertainty} if uncertainty is not None else {})}

@@ -178,3 +178,23 @@ def test_qc_picture_in_ct_only_mode_has_an_empty_pet_row(case_dir, ct_only_weigh
     qc = tmp_path / "qc.png"
     assert _container(case_dir, tmp_path / "out", ct_only_weights, tmp_path / "r.json", "--qc", str(qc)) == 0
     assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_route_writes_pet_optional_when_asked(tmp_path):
+    import torch
+
+    from hnseg_export import from_torch
+    from test_export_torch import _parser
+
+    torch.save(torch.nn.Conv3d(2, 3, 1).state_dict(), tmp_path / "fold0.pt")
+    spec = {key: value for key, value in model_entry(channels=[{"source": "ct"}, {"source": "pet"}]).items()
+            if key != "files"}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    argv = ["--module", "torch.nn:Conv3d", "--kwargs", json.dumps({"in_channels": 2, "out_channels": 3,
+                                                                   "kernel_size": 1}),
+            "--state-dict", str(tmp_path / "fold0.pt"), "--model-spec", str(tmp_path / "spec.json")]
+    from_torch.export(_parser().parse_args([*argv, "--out", str(tmp_path / "a"), "--pet-optional"]))
+    from_torch.export(_parser().parse_args([*argv, "--out", str(tmp_path / "b")]))
+    assert load_recipe(tmp_path / "a").pet_optional is True
+    assert load_recipe(tmp_path / "b").pet_optional is False
+    assert "pet_optional" not in json.loads((tmp_path / "b" / "recipe.json").read_text())
