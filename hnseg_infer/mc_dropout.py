@@ -84,6 +84,10 @@ class StochasticModel(OnnxModel):
         k = shape_out[1] if len(shape_out) == 5 else None
         self.n_outputs = k if isinstance(k, int) and k > 0 else None
 
+    def __call__(self, batch_nczyx: np.ndarray) -> np.ndarray:
+        raise ModelError(f"{self.path} is a stochastic twin: it runs with a seed per tile and a rate "
+                         f"(StochasticModel.bind or .run), not as a plain model")
+
     def bind(self, rate: float, seeds) -> "StochasticRun":
         """The callable `batch -> logits` whose n-th tile is run with the seed `seeds(n)`."""
         return StochasticRun(self, float(rate), seeds)

@@ -91,7 +91,8 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
         draws.append({"pass": p, **draw.to_dict()})
         for m, (spec, grid) in enumerate(zip(stage.models, grids)):
             folds_p = folds[spec.name] if runs is None else [
-                model.bind(config.dropout_rate, _seeds(config.seed, p, m, f)) for f, model in enumerate(runs[spec.name])]
+                model.bind(config.dropout_rate, _seeds(config.seed, p, m, f))
+                for f, model in enumerate(runs[spec.name])]
             probabilities = _one_pass(case, spec, grid, draw, folds_p, clicks=clicks,
                                       noise_rng=np.random.default_rng([config.seed, p, m, 1]))
             totals[m] = probabilities if totals[m] is None else np.add(totals[m], probabilities, out=totals[m])
@@ -106,6 +107,9 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
               "augmentations": draws, "stage": stage.name, "models": [spec.name for spec in stage.models],
               "mirroring": "off in the stochastic passes", "pass_s": [round(d, 3) for d in durations],
               "entropy": "natural log over background, GTVp, GTVn", "max_entropy": round(MAX_ENTROPY, 6)}
+    if runs is not None:
+        record["stochastic_files"] = {spec.name: dict(zip((f.name for f in spec.stochastic_files),
+                                                          spec.stochastic_sha256)) for spec in stage.models}
     return UncertaintyMaps(probabilities, predictive_entropy(probabilities), roi_slices_zyx, record)
 
 

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import SimpleITK as sitk
 import torch
@@ -262,6 +261,8 @@ def test_maps_are_deterministic_for_a_seed_and_differ_for_another(case, weights)
     assert record["passes"] == 3 and record["seed"] == 7 and record["dropout_rate"] == 0.2
     assert [d["pass"] for d in record["augmentations"]] == [0, 1, 2]
     assert other.report.data["uncertainty"]["seed"] == 8
+    assert list(record["stochastic_files"]) == ["pet_threshold"]
+    assert list(record["stochastic_files"]["pet_threshold"]) == ["fold0.stochastic.onnx"]
     # the mask is the recipe's deterministic prediction, whatever the passes
     assert np.array_equal(sitk.GetArrayViewFromImage(first.mask), sitk.GetArrayViewFromImage(other.mask))
 
@@ -304,7 +305,8 @@ def test_time_budget_runs_a_prefix_and_says_so(case, tmp_path):
 def test_augmentation_only_needs_no_twin(case, tmp_path):
     """dropout_rate 0: the plain folds run each pass's augmentation (here: every kind, 4 passes, mirroring off)."""
     block = {**BLOCK, "dropout_rate": 0, "passes": 4}
-    folder = write_weights(tmp_path / "w", models=[model_entry(mirror_axes_zyx=[0, 1, 2])], extra={"uncertainty": block})
+    folder = write_weights(tmp_path / "w", models=[model_entry(mirror_axes_zyx=[0, 1, 2])],
+                           extra={"uncertainty": block})
     prediction = run(case, load_recipe(folder))
     record = prediction.report.data["uncertainty"]
     assert record["passes"] == 4 and record["dropout_rate"] == 0
