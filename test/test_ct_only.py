@@ -198,3 +198,12 @@ def test_torch_route_writes_pet_optional_when_asked(tmp_path):
     assert load_recipe(tmp_path / "a").pet_optional is True
     assert load_recipe(tmp_path / "b").pet_optional is False
     assert "pet_optional" not in json.loads((tmp_path / "b" / "recipe.json").read_text())
+
+
+def test_library_refuses_a_case_without_pet_for_a_pet_recipe(tmp_path, pet_weights):
+    from hnseg_infer.pipeline import predict_case
+
+    ct, _ = small_case()
+    sitk.WriteImage(ct, str(tmp_path / "ct.mha"))
+    with pytest.raises(RecipeError, match="needs PET"):
+        predict_case(load_case(tmp_path / "ct.mha", None), load_recipe(pet_weights), device="cpu")
