@@ -7,9 +7,10 @@ The recipe: ROI pet_threshold_head_neck_box (200×200×310 mm), 4 channels (expo
 to [−1024, 3071] HU, PET as SUV clipped to [0, 50], the GTVp and GTVn click prompts), windows of 224×224×160 with
 50 % overlap and Gaussian weighting, a residual-encoder U-Net with dropout in every stage (hnseg_export.uiseg,
 tiny widths here), and the uncertainty block: UNCERTAINTY (10 passes, dropout 0.05, noise/flip/rotation ≤ 5°).
-Every fold gets a proven stochastic twin. HN-UISeg runs at the CT's native spacing; a recipe has one spacing per
-model, so the spec uses 1×1×3 mm (HECKTOR's CTs are ~0.98 mm in-plane with 1.5–3.3 mm slices); `spacing_xyz_mm`
-and `patch_size_zyx` may be given to match other data (the tests use 3 mm and small windows).
+Every fold gets a proven stochastic twin; the recipe allows CT-only input (--pet-optional: HN-UISeg is trained with
+the PET channel zero-filled too). HN-UISeg runs at the CT's native spacing; a recipe has one spacing per model, so
+the spec uses 1×1×3 mm (HECKTOR's CTs are ~0.98 mm in-plane with 1.5–3.3 mm slices); `spacing_xyz_mm` and
+`patch_size_zyx` may be given to match other data (the tests use 3 mm and small windows).
 Random weights segment nothing meaningful: the folder exercises the recipe end to end, nothing more.
 """
 
@@ -55,7 +56,8 @@ def make(out: Path, *, seed: int = 0, folds: int = 1, overwrite: bool = False, u
             state_dicts.append(Path(tmp) / f"hn_uiseg_fold{fold}.pt")
             torch.save(ResEncUNet(**kwargs).state_dict(), state_dicts[-1])
         argv = ["torch", "--module", MODULE, "--kwargs", json.dumps(kwargs), "--model-spec", str(spec_path),
-                "--roi", json.dumps(ROI), "--uncertainty", json.dumps(uncertainty), "--name", "hn-uiseg-random",
+                "--roi", json.dumps(ROI), "--uncertainty", json.dumps(uncertainty), "--pet-optional",
+                "--name", "hn-uiseg-random",
                 "--out", str(out), "--state-dict", *map(str, state_dicts)]
         if to_onnx.main(argv + (["--overwrite"] if overwrite else [])) != 0:
             raise ExportError(f"the torch route failed for {out} (its message is above)")

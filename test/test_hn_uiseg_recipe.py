@@ -68,6 +68,7 @@ def test_the_exported_recipe_is_hn_uisegs(weights):
     twin = model.provenance["stochastic"]["hn_uiseg_fold0.stochastic.onnx"]
     assert twin["proof"]["torch_at_rate"]["passed"] and twin["proof"]["torch_without_dropout_at_rate_0"]["passed"]
     assert len(twin["sites"]) == 3 and {s["trained_rate"] for s in twin["sites"]} == {0.05}  # 2 encoder + 1 decoder
+    assert recipe.pet_optional  # HN-UISeg also runs on CT alone
     config = recipe.uncertainty
     assert (config.passes, config.dropout_rate, config.seed) == (2, 0.05, 0)
     assert config.augmentations.kinds == ("noise", "flip", "rotation")
@@ -131,6 +132,18 @@ def test_the_report_summarises_the_passes_and_each_lesion(run):
     assert len(record["lesions"]) == labels["GTVp"]["components"] + labels["GTVn"]["components"]
     for lesion in record["lesions"]:
         assert 0 <= lesion["mean_entropy"] <= math.log(3) and lesion["voxels"] > 0
+
+
+def test_ct_only_run_with_uncertainty(weights, case):
+    root = case["root"]
+    out, report, maps = root / "ct_only_out", root / "ct_only.json", root / "ct_only_maps"
+    code = container_main(["--input", str(case["input"]), "--output", str(out), "--weights", str(weights),
+                           "--report", str(report), "--uncertainty", str(maps), "--ct-only", "--device", "cpu"])
+    data = json.loads(report.read_text())
+    assert code == 0 and data["ct_only"] and data["uncertainty"]["passes"] == 2
+    entropy = sitk.ReadImage(str(maps / "entropy.mha"))
+    assert Grid.of(entropy).same_as(Grid.of(sitk.ReadImage(str(case["ct"]))), tol=0)
+    assert sitk.GetArrayViewFromImage(entropy).max() <= np.float32(math.log(3))
 
 
 def test_refine_with_clicks_runs_end_to_end(weights, case):
