@@ -102,6 +102,14 @@ def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
     report.set("qc_picture", str(qc_png))
 
 
+def _write_sidecar(prediction, sidecar: Path, *, mask_path: Path) -> None:
+    from .paste_back import write_sidecar
+
+    with prediction.report.stage("sidecar"):
+        write_sidecar(sidecar, prediction.report.data["crop"], prediction.model_labels, mask_path=mask_path)
+    prediction.report.set("sidecar", str(sidecar))
+
+
 def _blank_like(image):
     import SimpleITK as sitk
 
@@ -120,14 +128,6 @@ def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | Non
     return ct, pet, None
 
 
-def _write_sidecar(prediction, sidecar: Path, *, mask_path: Path) -> None:
-    from .paste_back import write_sidecar
-
-    with prediction.report.stage("sidecar"):
-        write_sidecar(sidecar, prediction.report.data["crop"], prediction.model_labels, mask_path=mask_path)
-    prediction.report.set("sidecar", str(sidecar))
-
-
 def _env_path(name: str, default) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else (Path(default) if default is not None else None)
@@ -143,11 +143,11 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
     parser.add_argument("--qc", type=Path, default=_env_path("HNSEG_QC", None),
                         help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
-    parser.add_argument("--ct-only", action="store_true", default=os.environ.get("HNSEG_CT_ONLY") == "1",
-                        help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
     parser.add_argument("--sidecar", type=Path, default=_env_path("HNSEG_SIDECAR", None),
                         help="also write the crop provenance (JSON; model-grid labels beside it with restore "
                              "paste_nearest) here; keep it outside --output on grand-challenge")
+    parser.add_argument("--ct-only", action="store_true", default=os.environ.get("HNSEG_CT_ONLY") == "1",
+                        help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
     parser.add_argument("--uncertainty", type=Path, default=_env_path("HNSEG_UNCERTAINTY", None), metavar="DIR",
                         help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR, from "
                              "the recipe's uncertainty passes; keep DIR outside --output on grand-challenge")
