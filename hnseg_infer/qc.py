@@ -317,6 +317,8 @@ def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sit
         outline = _box_outline_xz(box)
         ax.add_patch(Polygon(outline, closed=True, fill=False, edgecolor=colour, linewidth=1.5))
         top_left = outline[np.lexsort((outline[:, 0], -outline[:, 1]))[0]]
+        # a box wider or taller than the MIP (the localiser's whole-scan box) keeps its name in view
+        top_left = (np.clip(top_left[0], *sorted(mip_extent[:2])), np.clip(top_left[1], *sorted(mip_extent[2:])))
         ax.text(top_left[0], top_left[1], f" {name}", color=colour, fontsize=9, ha="left", va="top", clip_on=True)
     cx, _, cz = centre.center_xyz_mm
     ax.plot([cx], [cz], marker="+", markersize=14, markeredgewidth=2, color=CENTRE_COLOUR)
