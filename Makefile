@@ -20,17 +20,21 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/hnseg phantom --seed 1 --fov whole-body --out $(DEMO)/case
-	$(BIN)/python process.py --input $(DEMO)/case/input --output $(DEMO)/output --weights weights/suv-threshold --report $(DEMO)/report.json --device cpu
+	$(BIN)/python process.py --input $(DEMO)/case/input --output $(DEMO)/output --weights weights/demo \
+		--report $(DEMO)/report.json --qc $(DEMO)/qc.png --device cpu
+	$(BIN)/hnseg evaluate --pred $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha --gt $(DEMO)/case/reference/*.mha \
+		--json $(DEMO)/metrics.json
 	@echo
-	@echo "mask:      $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha"
-	@echo "report:    $(DEMO)/report.json"
-	@echo "reference: $(DEMO)/case/reference/"
-	@echo "weights/suv-threshold is a non-learned SUV > 2.5 baseline standing in for trained demo weights;"
-	@echo "it outlines every hot region (brain included) as GTVp. QC pictures are not implemented yet."
+	@echo "mask:       $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha"
+	@echo "QC picture: $(DEMO)/qc.png"
+	@echo "report:     $(DEMO)/report.json (ROI of each stage, timings, memory)"
+	@echo "reference:  $(DEMO)/case/reference/ (scored above; details in $(DEMO)/metrics.json)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_roi_sampling.py
 	$(BIN)/python bench/bench_nnunet.py
+	$(BIN)/python bench/eval_demo.py
+	$(BIN)/python bench/parity_demo_nnunet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

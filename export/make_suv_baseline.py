@@ -1,10 +1,10 @@
-"""Write weights/suv-threshold: a non-learned baseline recipe (GTVp where SUV > 2.5 inside the head-and-neck box).
+"""Write a non-learned baseline weights folder (GTVp where SUV > 2.5 inside the head-and-neck box).
 
 It exercises the whole container path (ROI, sampling, normalisation, sliding window, restore, post-processing)
-with a one-operator ONNX model, until trained weights are bundled. It is not a segmentation model: it cannot
-tell tumour from brain or nodes from tumour.
+with a one-operator ONNX model; the real-case tests use it. It is not a segmentation model: it cannot tell tumour
+from brain or nodes from tumour.
 
-    .venv/bin/python export/make_suv_baseline.py [--out weights/suv-threshold]
+    .venv/bin/python export/make_suv_baseline.py --out DIR
 """
 
 import argparse
@@ -48,10 +48,10 @@ RECIPE = {
 }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "weights" / "suv-threshold")
-    out = parser.parse_args().out
+    parser.add_argument("--out", type=Path, required=True)
+    out = parser.parse_args(argv).out
     out.mkdir(parents=True, exist_ok=True)
     onnx.save(threshold_model(), str(out / "suv_threshold.onnx"))
     (out / "recipe.json").write_text(json.dumps(RECIPE, indent=2) + "\n")

@@ -4,6 +4,7 @@ They are thigh sarcomas, not head-and-neck cases: head localisation must fall ba
 output must still be a valid mask on the exact CT grid."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ import SimpleITK as sitk
 from conftest import REAL_DATA, REPO
 from test_process import OUTPUT_RELATIVE, files_under, run_process
 
+sys.path.insert(0, str(REPO / "export"))
+import make_suv_baseline  # noqa: E402
+
 CASES = sorted(p for p in REAL_DATA.glob("STS_*") if p.is_dir()) if REAL_DATA.is_dir() else []
 
 
@@ -19,7 +23,8 @@ CASES = sorted(p for p in REAL_DATA.glob("STS_*") if p.is_dir()) if REAL_DATA.is
 @pytest.mark.parametrize("case", CASES, ids=lambda p: p.name)
 def test_real_case_end_to_end(case, tmp_path):
     out, report_path = tmp_path / "output", tmp_path / "report.json"
-    result = run_process(case / "input", out, REPO / "weights" / "suv-threshold", report_path)
+    make_suv_baseline.main(["--out", str(tmp_path / "suv-threshold")])
+    result = run_process(case / "input", out, tmp_path / "suv-threshold", report_path)
     assert result.returncode == 0, result.stderr
     assert files_under(out)[-1] == OUTPUT_RELATIVE and len(files_under(out)) == 3
     ct = sitk.ReadImage(str(next((case / "input/images/ct").iterdir())))
