@@ -9,7 +9,9 @@ ONNX model through its own path (channels from the native images, one interpolat
 probability restore) onto the same voxels.
 
     .venv/bin/python bench/eval_demo.py                 # writes the cases and run reports first
-    .venv/bin/python bench/parity_demo_nnunet.py [--results export/demo_models/fine_nnunet] [--work /tmp/hnseg-eval]
+    .venv/bin/python bench/parity_demo_nnunet.py [--results NNUNET_RESULTS_FOLDER] [--work /tmp/hnseg-eval]
+
+--results defaults to the fine nnU-Net folder export/train_demo.py leaves in its --work folder (/tmp/hnseg-train).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import SimpleITK as sitk
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAIN_WORK = Path("/tmp/hnseg-train")  # export/train_demo.py --work: the native models weights/demo came from
 sys.path.insert(0, str(ROOT))
 from hnseg_infer.grid import Box, Grid  # noqa: E402
 from hnseg_infer.intensity import apply_ops  # noqa: E402
@@ -68,10 +71,12 @@ def make_predictor(results: Path):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=ROOT / "export" / "demo_models" / "fine_nnunet")
+    parser.add_argument("--results", type=Path, default=TRAIN_WORK / "native" / "nnunet" / "Dataset963_DemoHNFineNnunet"
+                        / "nnUNetTrainer__nnUNetPlans__3d_fullres")
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "demo")
     parser.add_argument("--model", default="fine_nnunet", help="the recipe model exported from --results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hnseg-eval"))
+    parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
     predictor = make_predictor(args.results)
     predictor.use_mirroring = bool(spec.mirror_axes_zyx)
     rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
-    for report_path in sorted((args.work / "pred").glob("*.report.json")):
+    for report_path in sorted((args.work / "pred").glob("*.report.json"))[:args.cases]:
         name = report_path.name.removesuffix(".report.json")
         case = load_case(*discover_inputs(args.work / "cases" / name / "input"))
         region, _ = case.ct_grid.crop_to(fine_roi(json.loads(report_path.read_text())))
