@@ -378,6 +378,8 @@ def train(plan: ModelPlan, network, patches: Patches, *, iterations: int, seed: 
     import torch
 
     torch.manual_seed(seed)
+    # channels-last: oneDNN's 3-D convolutions (and above all their backward pass) run ~5x faster on a CPU so
+    network = network.to(memory_format=torch.channels_last_3d)
     network.train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=plan.learning_rate, weight_decay=3e-5)
     history, window, started = [], [], time.time()
@@ -386,7 +388,7 @@ def train(plan: ModelPlan, network, patches: Patches, *, iterations: int, seed: 
         for group in optimiser.param_groups:
             group["lr"] = plan.learning_rate * (1 - iteration / iterations) ** 0.9
         x, y = patches.batch()
-        outputs = network(torch.from_numpy(x))
+        outputs = network(torch.from_numpy(x).contiguous(memory_format=torch.channels_last_3d))
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         loss = deep_supervision_loss(outputs, torch.from_numpy(y).long(), n_classes,
                                      drop_lowest=plan.route == "nnunet")
