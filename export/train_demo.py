@@ -89,14 +89,14 @@ class ModelPlan:
     iterations: int
     batch_size: int = 2
     learning_rate: float = 2e-3
-    foreground_fraction: float = 0.5  # of the patches, centred near a labelled voxel (a random label, then voxel)
+    foreground_fraction: float = 0.67  # of the patches, centred near a labelled voxel (a random label, then voxel)
     features: tuple[int, ...] = (8, 16, 32, 64)
     blocks: tuple[int, ...] = (2, 2, 2, 2)  # convolutions (plain) or residual blocks (ResEnc) per encoder stage
     architecture: str = "PlainConvUNet"  # nnU-Net's; "SegResNetDS" for the monai route
     channel_names: tuple[str, ...] = ()
     flip_axes: tuple[int, ...] = (2,)  # left-right, the anatomy's symmetry
     transpose_forward: tuple[int, int, int] = (0, 1, 2)
-    cases: str = "all"  # "all" or "first_half" of the training cases
+    max_cases: int | None = None  # trained on the first max_cases training cases (None: all)
 
     @property
     def orientation(self) -> str:
@@ -125,14 +125,14 @@ def _monai_range_ops(low: float, high: float) -> tuple[dict, ...]:
 def model_plans() -> dict[str, ModelPlan]:
     return {plan.name: plan for plan in (
         ModelPlan("localise_head", "localise_head", "nnunet", ("ct",), ((CT_WINDOW,),), (2.0, 2.0, 3.0), (0, 1),
-                  patch=(64, 128, 128), iterations=240, batch_size=1, features=(4, 8, 16, 32),
-                  foreground_fraction=0.34, channel_names=("CT",), cases="first_half"),
+                  patch=(48, 96, 96), iterations=300, features=(4, 8, 16, 32), foreground_fraction=0.34,
+                  channel_names=("CT",), max_cases=12),
         ModelPlan("coarse", "coarse", "nnunet", ("ct", "pet"), ((CT_WINDOW,), PET_SUV_WINDOW), (2.0, 2.0, 2.0),
-                  (0, 1, 2), patch=(64, 64, 64), iterations=450, features=(8, 16, 32, 64),
+                  (0, 1, 2), patch=(64, 64, 64), iterations=600, features=(8, 16, 32, 64),
                   channel_names=("CT", "PET")),
         ModelPlan("fine_nnunet", "fine", "nnunet", ("ct", "ct", "ct", "pet"),
                   ((CT_WINDOW,), (CT_WINDOW, {"op": "power", "exponent": 2}), (CT_WINDOW, {"op": "cbrt"}),
-                   PET_SUV_WINDOW), (1.0, 1.0, 1.0), (0, 1, 2), patch=(64, 64, 64), iterations=450,
+                   PET_SUV_WINDOW), (1.0, 1.0, 1.0), (0, 1, 2), patch=(48, 48, 48), iterations=900,
                   architecture="ResidualEncoderUNet", features=(8, 16, 32, 48, 64), blocks=(1, 1, 2, 2, 2),
                   channel_names=("CT", "CT_squared", "CT_cbrt", "PET")),
         ModelPlan("fine_segresnetds", "fine", "monai", ("ct", "pet"),
@@ -146,7 +146,7 @@ def quick_plan(plan: ModelPlan) -> ModelPlan:
     """The smoke-run version: coarser grids (fewer voxels to sample), small patches, 2 iterations."""
     scale = {"localise_head": 2.0, "coarse": 2.0, "fine_nnunet": 3.0, "fine_segresnetds": 3.0}[plan.name]
     return replace(plan, spacing_xyz_mm=tuple(s * scale for s in plan.spacing_xyz_mm), patch=(32, 32, 32), iterations=2,
-                   batch_size=1, cases="all")
+                   batch_size=1, max_cases=None)
 
 
 # ------------------------------------------------------------------------------------------------------ the cases
@@ -285,7 +285,7 @@ def _reference_rois(phantom, case: Case, rng: np.random.Generator, *, quick: boo
 
 
 def cases_of(plan: ModelPlan, cases: list[TrainingCase]) -> list[TrainingCase]:
-    return cases if plan.cases == "all" else cases[: max(2, (len(cases) + 1) // 2)]
+    return cases if plan.max_cases is None else cases[: plan.max_cases]
 
 
 # --------------------------------------------------------------------------------------------------- the training
@@ -478,7 +478,7 @@ def save_native(plan: ModelPlan, network, work: Path, training_log: dict) -> Pat
     exporter takes."""
     import torch
 
-    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    state = {k: v.detach().contiguous().clone() for k, v in network.state_dict().items()}  # standard layout
     log_record = {k: v for k, v in training_log.items() if k != "history"}
     if plan.route == "nnunet":
         from hnseg_export import nnunet_results
@@ -632,12 +632,14 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(plans), default=list(plans),
                         help="train and export only these; the others are taken from --work as an earlier run left "
                              "them (default: all four)")
-    parser.add_argument("--cases", type=int, default=36, help="training phantoms (default 36; seeds from 1000)")
+    parser.add_argument("--cases", type=int, default=40, help="training phantoms (default 40; seeds from 1000)")
     parser.add_argument("--iterations", type=int, default=None, help="iterations for every trained model")
     parser.add_argument("--iteration-scale", type=float, default=1.0, help="multiply each model's iterations")
     parser.add_argument("--max-minutes", type=float, default=12.0,
                         help="stop a model's training after this many minutes (default 12)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads (default 2; on a machine shared with other jobs 1 is often several "
+                             "times faster: oneDNN's threads wait for each other)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 small phantoms, coarse grids, 2 iterations per model (for tests)")
     parser.add_argument("--no-assemble", action="store_true", help="train and export only; leave --out alone")
@@ -665,10 +667,10 @@ def main(argv=None) -> int:
     prepare_cases(cases, selected, work, quick=args.quick, log=log)
 
     summary = {}
-    for index, plan in enumerate(selected):
+    for plan in selected:
         iterations = args.iterations or max(1, round(plan.iterations * args.iteration_scale))
         names = [c.name for c in cases_of(plan, cases)]
-        seed = 4242 + index
+        seed = 4242 + list(model_plans()).index(plan.name)  # the same whichever models are selected
         patches = Patches(cache_dir(work, plan, args.quick), names, plan, np.random.default_rng(seed))
         torch.manual_seed(seed)
         network = build_network(plan, work)
@@ -683,7 +685,9 @@ def main(argv=None) -> int:
         export(plan, work, log)
         summary[plan.name] = {k: training_log[k] for k in ("iterations_done", "seconds", "final_loss", "parameters")}
 
-    (work / "logs" / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary_path = work / "logs" / "summary.json"  # merged with the models of earlier runs in this work folder
+    merged = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary_path.write_text(json.dumps({**merged, **summary}, indent=1))
     for name, record in summary.items():
         log(f"{name}: {record['iterations_done']} iterations in {record['seconds']:.0f} s, final loss "
             f"{record['final_loss']}, {record['parameters']} parameters")
