@@ -40,7 +40,8 @@ DEFAULTS = {
     "ct_extent": {},
     "ct_top": {"size_mm": [512.0, 512.0, 384.0]},
     "labels_bbox": {"margin_mm": 10.0},
-    "labels_centroid_cube": {"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop"},
+    "labels_centroid_cube": {"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop",
+                             "contain_labels": False},
 }
 NEEDS_PREVIOUS_STAGE = ("labels_bbox", "labels_centroid_cube")
 # Methods that find the head on the PET. In CT-only mode (no PET) they give a box of their own size whose top is
@@ -75,6 +76,10 @@ class StageLabels:
 def _check_value(method: str, key: str, value, default):
     """A parameter value of the default's kind: a number, or a list of 3 positive numbers (a size in mm)."""
     where = f"ROI method {method!r} parameter {key!r}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, got {value!r}")
+        return value
     if isinstance(default, str):  # a fallback method
         if value not in IMAGE_METHODS:
             raise RecipeError(f"{where} must be one of {IMAGE_METHODS}, got {value!r}")
@@ -366,12 +371,21 @@ def labels_bbox(previous: StageLabels, p: dict) -> RoiResult:
 
 def labels_centroid_cube(ct: sitk.Image, pet: sitk.Image, suv_per_stored_value: float, previous: StageLabels,
                          p: dict) -> RoiResult:
-    """SJTU's fine ROI: a box of `size_mm` centred on the centroid of the previous stage's labels. Without labels:
-    the `fallback` image method (its default parameters), with a warning."""
+    """SJTU's fine ROI: a box of `size_mm` centred on the centroid of the previous stage's labels. With
+    `contain_labels`, the box moves the least distance that holds all the labelled voxels' centres, along each axis
+    where they fit (a node far below a large tumour pulls the centroid little). Without labels: the `fallback`
+    image method (its default parameters), with a warning."""
     if previous.labels_zyx.any():
-        centroid = _label_points_xyz_mm(previous).mean(axis=0)
-        record = {"from_stage": previous.name, "centroid_xyz_mm": centroid.round(3).tolist()}
-        return RoiResult(Box.around(centroid, p["size_mm"]), "labels_centroid_cube", False, record, ())
+        points = _label_points_xyz_mm(previous)
+        centroid = points.mean(axis=0)
+        center = centroid
+        if p["contain_labels"]:
+            half = np.asarray(p["size_mm"]) / 2
+            lo, hi = points.min(axis=0), points.max(axis=0)
+            center = np.where(hi - lo <= 2 * half, np.clip(centroid, hi - half, lo + half), centroid)
+        record = {"from_stage": previous.name, "centroid_xyz_mm": centroid.round(3).tolist(),
+                  "shift_to_contain_labels_mm": (center - centroid).round(3).tolist()}
+        return RoiResult(Box.around(center, p["size_mm"]), "labels_centroid_cube", False, record, ())
     found = locate_roi(p["fallback"], ct=ct, pet=pet, suv_per_stored_value=suv_per_stored_value, params={})
     warning = (f"ROI method 'labels_centroid_cube': stage {previous.name!r} labelled nothing; used ROI method "
                f"{p['fallback']!r} instead")

@@ -200,6 +200,41 @@ def test_cascade_methods_read_the_previous_stage_labels(phantoms):
     assert not cube.fell_back and cube.record["from_stage"] == "coarse"
 
 
+def test_centroid_cube_moves_to_contain_far_labels(phantoms):
+    """A large tumour and a node far below it: the centroid cube cuts the node off; with contain_labels the cube
+    moves (along z only, the least distance) until it holds every labelled voxel centre. Labels that cannot fit
+    leave the centre on the centroid along that axis."""
+    phantom = phantoms["head-only"]
+    grid = Grid((60, 50, 70), (2.0, 3.0, 2.5), (60.0, -30.0, -120.0), (0, 0, -1, 1, 0, 0, 0, -1, 0))
+    labels_zyx = np.zeros(grid.size_zyx, np.uint8)
+    labels_zyx[5:25, 10:30, 10:30] = 1  # the tumour: 8000 voxels
+    labels_zyx[55:58, 20:23, 20:23] = 2  # a small node 130 mm from the tumour's top along index z
+    points = grid.index_to_physical(np.argwhere(labels_zyx > 0)[:, ::-1])
+    centroid, lo, hi = points.mean(axis=0), points.min(axis=0), points.max(axis=0)
+    size = [144.0, 144.0, 144.0]
+    plain = roi("labels_centroid_cube", phantom, {"size_mm": size}, previous=_stage_labels(labels_zyx, grid))
+    assert np.allclose(plain.box.center_xyz_mm, centroid)
+    corner, far = np.asarray(plain.box.corner_xyz_mm), np.asarray(plain.box.corner_xyz_mm) + 144.0
+    assert ((points < corner) | (points > far)).any()  # the node is cut off
+    moved = roi("labels_centroid_cube", phantom, {"size_mm": size, "contain_labels": True},
+                previous=_stage_labels(labels_zyx, grid))
+    corner, far = np.asarray(moved.box.corner_xyz_mm), np.asarray(moved.box.corner_xyz_mm) + 144.0
+    assert ((points >= corner - 1e-6) & (points <= far + 1e-6)).all()
+    shift = moved.box.center_xyz_mm - centroid
+    assert np.count_nonzero(np.abs(shift) > 1e-9) == 1 and np.allclose(moved.record["shift_to_contain_labels_mm"],
+                                                                       shift, atol=1e-3)
+    axis = int(np.argmax(np.abs(shift)))  # the least move: the labels touch the far face
+    assert min(abs(far[axis] - hi[axis]), abs(lo[axis] - corner[axis])) == pytest.approx(0, abs=1e-6)
+    assert hi[axis] - lo[axis] > 100.0
+    small_size = list(size)
+    small_size[axis] = 100.0  # too small to hold them along that axis: no move
+    small = roi("labels_centroid_cube", phantom, {"size_mm": small_size, "contain_labels": True},
+                previous=_stage_labels(labels_zyx, grid))
+    assert np.allclose(small.box.center_xyz_mm, centroid)
+    with pytest.raises(RecipeError, match="'contain_labels' must be true or false"):
+        check_params("labels_centroid_cube", {"contain_labels": 1})
+
+
 def test_cascade_methods_fall_back_when_the_previous_stage_found_nothing(phantoms):
     phantom = phantoms["head-neck"]
     grid = Grid.of(phantom.pet)
