@@ -39,6 +39,10 @@ def arch_kwargs(*, architecture: str, features, kernel_sizes, strides, blocks_pe
             "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
 
 
+UNUSED_INTENSITY_PROPERTIES = {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
+                               "percentile_99_5": 1.0, "std": 1.0}  # placeholders: only CTNormalization reads them
+
+
 def plans_dict(*, dataset_name: str, architecture: str, network_kwargs: dict, patch_size, spacing, normalization,
                intensity_properties: dict | None = None, transpose_forward=(0, 1, 2), batch_size: int = 2,
                median_shape=(40, 40, 40), resampling_order: int = 3) -> dict:
@@ -47,6 +51,14 @@ def plans_dict(*, dataset_name: str, architecture: str, network_kwargs: dict, pa
     `intensity_properties` the foreground statistics per channel index ("0", "1", ...) CTNormalization reads."""
     class_name, _ = ARCHITECTURES[architecture]
     backward = [list(transpose_forward).index(i) for i in range(3)]
+    properties = dict(intensity_properties or {})
+    for index, scheme in enumerate(normalization):
+        if str(index) in properties:
+            continue
+        if scheme == "CTNormalization":
+            raise ValueError(f"channel {index} (CTNormalization) needs its foreground intensity_properties")
+        # nnUNetPredictor's preprocessor looks the entry up for every channel, even where its scheme does not use it
+        properties[str(index)] = dict(UNUSED_INTENSITY_PROPERTIES)
     data_kwargs = {"is_seg": False, "order": resampling_order, "order_z": 0, "force_separate_z": None}
     return {
         "dataset_name": dataset_name, "plans_name": PLANS_NAME,
@@ -54,7 +66,7 @@ def plans_dict(*, dataset_name: str, architecture: str, network_kwargs: dict, pa
         "image_reader_writer": "SimpleITKIO", "transpose_forward": list(transpose_forward),
         "transpose_backward": backward, "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": dict(intensity_properties or {}),
+        "foreground_intensity_properties_per_channel": properties,
         "configurations": {CONFIGURATION: {
             "data_identifier": f"{PLANS_NAME}_{CONFIGURATION}", "preprocessor_name": "DefaultPreprocessor",
             "batch_size": batch_size, "patch_size": list(patch_size), "median_image_size_in_voxels": list(median_shape),
