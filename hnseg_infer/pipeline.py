@@ -41,30 +41,14 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model.
     A case without PET runs in CT-only mode (the recipe must allow it); `ct_only_reason` says why, for the report."""
     report = report or RunReport()
-    ct_grid = case.ct_grid
     if case.ct_only and not recipe.pet_optional:
         raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
                           f"true) but case {case.ct_path} has none: give its PET image")
-    report.set("ct_only", case.ct_only)
     config = resolve(recipe, uncertainty) if uncertainty is not None else None  # clicks, uncertainty: refused early
     if clicks is not None:
-        report.set("clicks", check_before_run(clicks, recipe, ct_grid=ct_grid, ct_path=case.ct_path))
-    report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": ct_grid.to_dict()},
-                          "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
-                          "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
-    report.set("recipe", recipe.to_dict())
-    if case.ct_only:
-        report.warn(f"CT-only mode ({ct_only_reason or 'no PET image'}): every PET channel is zero-filled and "
-                    f"ROI methods that need PET use a box at the top of the CT")
-    for warning in case.warnings:
-        report.warn(warning)
-
-    with report.stage("load_models"):
-        folds = {spec.name: load_folds(spec, device=device) for spec in recipe.models}
-    first = next(iter(folds.values()))[0]
-    report.set("provider", first.provider)
-    for fallback in {line for models in folds.values() for m in models for line in m.fallbacks}:
-        report.fallback(fallback)
+        report.set("clicks", check_before_run(clicks, recipe, ct_grid=case.ct_grid, ct_path=case.ct_path))
+    _record_inputs(case, recipe, report, ct_only_reason)
+    folds = _load_models(recipe, device, report)
 
     previous = None
     for index, stage in enumerate(recipe.stages):
@@ -74,10 +58,54 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
         if index < len(recipe.stages) - 1:
             previous = _stage_labels(stage, members, roi.box, report, prefix)
             del members
-
     if clicks is not None:
         check_landed(clicks)
-    cropped = ct_grid.crop_to(roi.box)
+
+    labels_zyx, roi_grid, roi_slices_zyx, model_labels = _restore_to_ct(case, stage, roi, members, report)
+    del members
+    with report.stage("postprocess"):
+        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm,
+                                              config=stage.postprocess)
+    report.set("postprocess", post_record)
+    maps = None
+    if config is not None:
+        with report.stage("uncertainty"):
+            maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid, roi_slices_zyx=roi_slices_zyx,
+                            folds=folds, device=device, report=report, clicks=clicks)
+        report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+    mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
+    validate_mask(mask, case.ct_grid)
+    report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+    return Prediction(mask, report, case, model_labels, maps)
+
+
+def _record_inputs(case: Case, recipe: Recipe, report: RunReport, ct_only_reason: str | None) -> None:
+    report.set("ct_only", case.ct_only)
+    report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": case.ct_grid.to_dict()},
+                          "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
+                          "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
+    report.set("recipe", recipe.to_dict())
+    if case.ct_only:
+        report.warn(f"CT-only mode ({ct_only_reason or 'no PET image'}): every PET channel is zero-filled and "
+                    f"ROI methods that need PET use a box at the top of the CT")
+    for warning in case.warnings:
+        report.warn(warning)
+
+
+def _load_models(recipe: Recipe, device: str, report: RunReport) -> dict:
+    """Every model's folds, by model name; the provider and any provider fallbacks go into the report."""
+    with report.stage("load_models"):
+        folds = {spec.name: load_folds(spec, device=device) for spec in recipe.models}
+    report.set("provider", next(iter(folds.values()))[0].provider)
+    for fallback in {line for models in folds.values() for m in models for line in m.fallbacks}:
+        report.fallback(fallback)
+    return folds
+
+
+def _restore_to_ct(case: Case, stage: StageSpec, roi, members: list[Member], report: RunReport):
+    """The last stage's ensemble as labels on the CT voxels inside its ROI: (labels zyx, that CT crop's grid, its
+    slices in the CT, the model-grid labels when the stage restores by `paste_nearest`)."""
+    cropped = case.ct_grid.crop_to(roi.box)
     if cropped is None:
         raise InputError(f"the ROI found by {roi.method!r} ({roi.box.to_dict()}) holds no voxel of CT "
                          f"{case.ct_path}: check the CT's origin and direction")
@@ -93,21 +121,7 @@ def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: Ru
     report.set("crop", crop_record(case=case, stage=stage, roi=report.data["roi"],
                                    model_grids=[m.grid for m in members], paste_grid=roi_grid,
                                    paste_slices_zyx=roi_slices_zyx, labels=model_labels))
-    del members
-    with report.stage("postprocess"):
-        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm,
-                                              config=stage.postprocess)
-    report.set("postprocess", post_record)
-    maps = None
-    if config is not None:
-        with report.stage("uncertainty"):
-            maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid, roi_slices_zyx=roi_slices_zyx,
-                            folds=folds, device=device, report=report, clicks=clicks)
-        report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
-    mask = paste(labels_zyx, roi_slices_zyx, ct_grid)
-    validate_mask(mask, ct_grid)
-    report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=ct_grid.spacing_xyz_mm))
-    return Prediction(mask, report, case, model_labels, maps)
+    return labels_zyx, roi_grid, roi_slices_zyx, model_labels
 
 
 def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):
