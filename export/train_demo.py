@@ -65,7 +65,8 @@ STAGES = (  # (stage, ROI, post-processing of its labels); models by their `stag
     ("localise_head", {"method": "ct_top", "params": {"size_mm": LOCALISER_BOX_MM}}, {"keep_largest_gtvp": True}),
     ("coarse", {"method": "labels_bbox", "params": {"margin_mm": COARSE_MARGIN_MM}},
      {"min_volume_mm3": {"GTVp": 500, "GTVn": 100}}),
-    ("fine", {"method": "labels_centroid_cube", "params": {"size_mm": FINE_CUBE_MM, "fallback": "brain_peak_head_crop"}},
+    ("fine", {"method": "labels_centroid_cube", "params": {"size_mm": FINE_CUBE_MM, "fallback": "brain_peak_head_crop",
+                                                 "contain_labels": True}},
      {"min_volume_mm3": {"GTVp": 500, "GTVn": 50}, "keep_largest_gtvp": True}),
 )
 
@@ -125,19 +126,19 @@ def _monai_range_ops(low: float, high: float) -> tuple[dict, ...]:
 def model_plans() -> dict[str, ModelPlan]:
     return {plan.name: plan for plan in (
         ModelPlan("localise_head", "localise_head", "nnunet", ("ct",), ((CT_WINDOW,),), (2.0, 2.0, 3.0), (0, 1),
-                  patch=(48, 96, 96), iterations=300, features=(4, 8, 16, 32), foreground_fraction=0.34,
+                  patch=(48, 96, 96), iterations=450, features=(4, 8, 16, 32), foreground_fraction=0.34,
                   channel_names=("CT",), max_cases=12),
         ModelPlan("coarse", "coarse", "nnunet", ("ct", "pet"), ((CT_WINDOW,), PET_SUV_WINDOW), (2.0, 2.0, 2.0),
-                  (0, 1, 2), patch=(64, 64, 64), iterations=600, features=(8, 16, 32, 64),
+                  (0, 1, 2), patch=(64, 64, 64), iterations=750, features=(8, 16, 32, 64),
                   channel_names=("CT", "PET")),
         ModelPlan("fine_nnunet", "fine", "nnunet", ("ct", "ct", "ct", "pet"),
                   ((CT_WINDOW,), (CT_WINDOW, {"op": "power", "exponent": 2}), (CT_WINDOW, {"op": "cbrt"}),
-                   PET_SUV_WINDOW), (1.0, 1.0, 1.0), (0, 1, 2), patch=(48, 48, 48), iterations=900,
+                   PET_SUV_WINDOW), (1.0, 1.0, 1.0), (0, 1, 2), patch=(48, 48, 48), iterations=1700,
                   architecture="ResidualEncoderUNet", features=(8, 16, 32, 48, 64), blocks=(1, 1, 2, 2, 2),
                   channel_names=("CT", "CT_squared", "CT_cbrt", "PET")),
         ModelPlan("fine_segresnetds", "fine", "monai", ("ct", "pet"),
                   (_monai_range_ops(-110.0, 190.0), ({"op": "suv"}, {"op": "min_over_std"}, {"op": "sigmoid"})),
-                  (1.0, 1.0, 1.0), (0, 1, 2), patch=(64, 64, 64), iterations=450, architecture="SegResNetDS",
+                  (1.0, 1.0, 1.0), (0, 1, 2), patch=(48, 48, 48), iterations=1500, architecture="SegResNetDS",
                   features=(8,), blocks=(1, 2, 2, 2), flip_axes=(0,), transpose_forward=(2, 1, 0)),
     )}
 
@@ -629,14 +630,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "weights" / "demo", help="the weights folder to write")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hnseg-train"),
                         help="caches, native model folders, exports and logs (default /tmp/hnseg-train)")
-    parser.add_argument("--models", nargs="+", choices=list(plans), default=list(plans),
+    parser.add_argument("--models", nargs="*", choices=list(plans), default=list(plans),
                         help="train and export only these; the others are taken from --work as an earlier run left "
-                             "them (default: all four)")
+                             "them (default: all four; none: only assemble --out from --work)")
     parser.add_argument("--cases", type=int, default=40, help="training phantoms (default 40; seeds from 1000)")
     parser.add_argument("--iterations", type=int, default=None, help="iterations for every trained model")
     parser.add_argument("--iteration-scale", type=float, default=1.0, help="multiply each model's iterations")
-    parser.add_argument("--max-minutes", type=float, default=12.0,
-                        help="stop a model's training after this many minutes (default 12)")
+    parser.add_argument("--max-minutes", type=float, default=22.0,
+                        help="stop a model's training after this many minutes (default 22)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (default 2; on a machine shared with other jobs 1 is often several "
                              "times faster: oneDNN's threads wait for each other)")
