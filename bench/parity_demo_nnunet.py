@@ -42,22 +42,37 @@ def fine_roi(report: dict) -> Box:
     return Box.from_dict(stage["roi"]["box"])
 
 
-def hnseg_labels(case, spec, folds, region: Grid) -> np.ndarray:
+def hnseg_labels(case, spec, folds, region: Grid, level: str) -> np.ndarray:
+    """Our labels on the CT voxels of `region` ("pipeline") or on the model grid ("model")."""
     grid = model_grid(spec, region.box(), case.ct_grid)
     probabilities = predict_probabilities(spec, folds, build_input(case, grid, spec))
     space = OutputSpace.for_models((spec,))
-    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)], region)
+    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)],
+                                 region if level == "pipeline" else grid)
 
 
-def nnunet_labels(case, spec, predictor, region: Grid) -> np.ndarray:
-    ct = sitk.Resample(case.ct, region.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, -1024.0,
-                       sitk.sitkFloat32)  # the native CT voxels (the region lies on the CT's lattice)
-    pet = sitk.Resample(case.pet, region.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    sources = {"ct": sitk.GetArrayFromImage(ct), "pet": sitk.GetArrayFromImage(pet)}
-    channels = np.stack([apply_ops(sources[c.source], c.ops, suv_per_stored_value=case.pet_unit.suv_per_stored_value)
-                         for c in spec.channels])
-    properties = {"spacing": list(region.spacing_xyz_mm[::-1])}
+def nnunet_labels(case, spec, predictor, region: Grid, level: str, pet_to_ct: str) -> np.ndarray:
+    """"pipeline": the channels on the native CT voxels of `region` (the PET put there first by `pet_to_ct`
+    interpolation), nnU-Net's own resampling both ways. "model": the very input hnseg gives the network (the model
+    grid, on which nnU-Net's resampling is the identity)."""
+    if level == "model":
+        grid = model_grid(spec, region.box(), case.ct_grid)
+        channels, spacing_zyx = build_input(case, grid, spec), grid.spacing_xyz_mm[::-1]
+    else:
+        ct = sitk.Resample(case.ct, region.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, -1024.0,
+                           sitk.sitkFloat32)  # the native CT voxels (the region lies on the CT's lattice)
+        pet = sitk.Resample(case.pet, region.reference_image(), sitk.Transform(), INTERPOLATORS[pet_to_ct], 0.0,
+                            sitk.sitkFloat32)
+        sources = {"ct": sitk.GetArrayFromImage(ct), "pet": sitk.GetArrayFromImage(pet)}
+        channels = np.stack([apply_ops(sources[c.source], c.ops,
+                                       suv_per_stored_value=case.pet_unit.suv_per_stored_value)
+                             for c in spec.channels])
+        spacing_zyx = region.spacing_xyz_mm[::-1]
+    properties = {"spacing": [float(v) for v in spacing_zyx]}
     return np.asarray(predictor.predict_single_npy_array(channels, properties, None, None, False), np.uint8)
+
+
+INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
 
 def make_predictor(results: Path):
@@ -77,19 +92,29 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="fine_nnunet", help="the recipe model exported from --results")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hnseg-eval"))
     parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    parser.add_argument("--level", choices=("pipeline", "model"), default="pipeline",
+                        help="pipeline (default): from the native voxels to the CT voxels, each its own way; model: "
+                             "the same model-grid input to both, labels compared on the model grid")
+    parser.add_argument("--pet-to-ct", choices=tuple(INTERPOLATORS), default="linear",
+                        help="how nnU-Net's PET channel is put on the CT voxels first (pipeline level)")
+    parser.add_argument("--no-separate-z", action="store_true",
+                        help="diagnosis: nnU-Net resamples the data in 3-D even where the CT's slices are > 3x "
+                             "thicker than its pixels (its default then: in-plane cubic, nearest along z)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
     folds = load_folds(spec, device="cpu")
     predictor = make_predictor(args.results)
     predictor.use_mirroring = bool(spec.mirror_axes_zyx)
+    if args.no_separate_z:
+        predictor.configuration_manager.configuration["resampling_fn_data_kwargs"]["force_separate_z"] = False
     rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
     for report_path in sorted((args.work / "pred").glob("*.report.json"))[:args.cases]:
         name = report_path.name.removesuffix(".report.json")
         case = load_case(*discover_inputs(args.work / "cases" / name / "input"))
         region, _ = case.ct_grid.crop_to(fine_roi(json.loads(report_path.read_text())))
-        ours = hnseg_labels(case, spec, folds, region)
-        theirs = nnunet_labels(case, spec, predictor, region)
+        ours = hnseg_labels(case, spec, folds, region, args.level)
+        theirs = nnunet_labels(case, spec, predictor, region, args.level, args.pet_to_ct)
         row = [name]
         for label in (1, 2):
             a, b = ours == label, theirs == label
@@ -99,7 +124,7 @@ def main(argv=None) -> int:
         row.append(float((ours == theirs).mean()))
         rows.append(row)
         print(f"{name}: Dice GTVp {row[1]:.4f}, GTVn {row[2]:.4f}, voxel agreement {row[3]:.5f}", flush=True)
-    print(f"\n{len(rows)} cases; Dice per label (hnseg vs nnUNetPredictor, voxels pooled over cases): "
+    print(f"\n{len(rows)} cases ({args.level} level); Dice per label (hnseg vs nnUNetPredictor, voxels pooled over cases): "
           f"GTVp {dice(*totals[1]):.4f}, GTVn {dice(*totals[2]):.4f}; "
           f"lowest per case: GTVp {min(r[1] for r in rows):.4f}, GTVn {min(r[2] for r in rows):.4f}")
     return 0

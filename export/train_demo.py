@@ -3,7 +3,13 @@ phantoms on a CPU, save each model in its native format, export it with export/t
 `weights/demo` (ONNX files + one recipe.json with three stages).
 
     .venv/bin/python export/train_demo.py [--out weights/demo] [--work /tmp/hnseg-train] [--models NAME ...]
-                                          [--cases N] [--iterations N | --iteration-scale F] [--quick]
+                                          [--cases N] [--iterations N | --iteration-scale F] [--threads N] [--quick]
+
+The committed weights were made in two halves side by side, one torch thread each, then assembled (~35 min):
+
+    .venv/bin/python export/train_demo.py --models fine_nnunet localise_head --threads 1 --no-assemble &
+    .venv/bin/python export/train_demo.py --models fine_segresnetds coarse --threads 1 --no-assemble; wait
+    .venv/bin/python export/train_demo.py --models
 
 The four models (recipe names), each trained from scratch, one fold, fp32:
 
