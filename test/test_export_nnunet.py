@@ -262,3 +262,22 @@ def test_command_line_route_exports_and_fails_with_exit_2(tmp_path, capsys):
     assert "plans.json not found" in capsys.readouterr().err and not (tmp_path / "w2").exists()
     assert to_onnx.main(["nnunet", str(results), "--out", str(tmp_path / "w3"), "--tile-batch", "0"]) == 2
     assert "--tile-batch must be >= 1" in capsys.readouterr().err and not (tmp_path / "w3").exists()
+
+
+def test_plans_give_every_channel_intensity_statistics():
+    """Channels whose scheme reads no statistics get placeholder entries (nnUNetPredictor's preprocessor looks one
+    up for every channel); CTNormalization without its statistics is refused."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from hnseg_export import nnunet_results
+
+    kwargs = nnunet_results.arch_kwargs(architecture="PlainConvUNet", features=(4, 8), kernel_sizes=[[3, 3, 3]] * 2,
+                                        strides=[[1, 1, 1], [2, 2, 2]], blocks_per_stage=(1, 1))
+    plans = nnunet_results.plans_dict(dataset_name="Dataset999_X", architecture="PlainConvUNet", network_kwargs=kwargs,
+                                      patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0),
+                                      normalization=["NoNormalization", "ZScoreNormalization"])
+    properties = PlansManager(plans).foreground_intensity_properties_per_channel
+    assert set(properties) == {"0", "1"} and properties["0"]["std"] == 1.0
+    with pytest.raises(ValueError, match="channel 0 \\(CTNormalization\\) needs its foreground intensity_properties"):
+        nnunet_results.plans_dict(dataset_name="Dataset999_X", architecture="PlainConvUNet", network_kwargs=kwargs,
+                                  patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0), normalization=["CTNormalization"])
