@@ -42,34 +42,29 @@ def fine_roi(report: dict) -> Box:
     return Box.from_dict(stage["roi"]["box"])
 
 
-def hnseg_labels(case, spec, folds, region: Grid, level: str) -> np.ndarray:
-    """Our labels on the CT voxels of `region` ("pipeline") or on the model grid ("model")."""
-    grid = model_grid(spec, region.box(), case.ct_grid)
-    probabilities = predict_probabilities(spec, folds, build_input(case, grid, spec))
+def hnseg_labels(spec, folds, grid: Grid, image_czyx: np.ndarray, target: Grid) -> np.ndarray:
+    """Our labels from the model-grid input, restored onto `target` (the CT voxels of the region, or the model grid)."""
+    probabilities = predict_probabilities(spec, folds, image_czyx)
     space = OutputSpace.for_models((spec,))
-    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)],
-                                 region if level == "pipeline" else grid)
+    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)], target)
 
 
-def nnunet_labels(case, spec, predictor, region: Grid, level: str, pet_to_ct: str) -> np.ndarray:
-    """"pipeline": the channels on the native CT voxels of `region` (the PET put there first by `pet_to_ct`
-    interpolation), nnU-Net's own resampling both ways. "model": the very input hnseg gives the network (the model
-    grid, on which nnU-Net's resampling is the identity)."""
-    if level == "model":
-        grid = model_grid(spec, region.box(), case.ct_grid)
-        channels, spacing_zyx = build_input(case, grid, spec), grid.spacing_xyz_mm[::-1]
-    else:
-        ct = sitk.Resample(case.ct, region.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, -1024.0,
-                           sitk.sitkFloat32)  # the native CT voxels (the region lies on the CT's lattice)
-        pet = sitk.Resample(case.pet, region.reference_image(), sitk.Transform(), INTERPOLATORS[pet_to_ct], 0.0,
-                            sitk.sitkFloat32)
-        sources = {"ct": sitk.GetArrayFromImage(ct), "pet": sitk.GetArrayFromImage(pet)}
-        channels = np.stack([apply_ops(sources[c.source], c.ops,
-                                       suv_per_stored_value=case.pet_unit.suv_per_stored_value)
-                             for c in spec.channels])
-        spacing_zyx = region.spacing_xyz_mm[::-1]
-    properties = {"spacing": [float(v) for v in spacing_zyx]}
-    return np.asarray(predictor.predict_single_npy_array(channels, properties, None, None, False), np.uint8)
+def native_channels(case, spec, region: Grid, pet_to_ct: str) -> np.ndarray:
+    """nnU-Net's input as its user would make it: the channels on the native CT voxels of `region`, the PET put
+    there first by `pet_to_ct` interpolation (nnU-Net needs one grid)."""
+    ct = sitk.Resample(case.ct, region.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, -1024.0,
+                       sitk.sitkFloat32)  # the native CT voxels (the region lies on the CT's lattice)
+    pet = sitk.Resample(case.pet, region.reference_image(), sitk.Transform(), INTERPOLATORS[pet_to_ct], 0.0,
+                        sitk.sitkFloat32)
+    sources = {"ct": sitk.GetArrayFromImage(ct), "pet": sitk.GetArrayFromImage(pet)}
+    return np.stack([apply_ops(sources[c.source], c.ops, suv_per_stored_value=case.pet_unit.suv_per_stored_value)
+                     for c in spec.channels])
+
+
+def nnunet_labels(predictor, channels_czyx: np.ndarray, spacing_xyz_mm) -> np.ndarray:
+    """nnUNetPredictor's labels on the input's own grid (its resampling to the model spacing and back included)."""
+    properties = {"spacing": [float(v) for v in spacing_xyz_mm[::-1]]}
+    return np.asarray(predictor.predict_single_npy_array(channels_czyx, properties, None, None, False), np.uint8)
 
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
@@ -106,15 +101,22 @@ def main(argv=None) -> int:
     folds = load_folds(spec, device="cpu")
     predictor = make_predictor(args.results)
     predictor.use_mirroring = bool(spec.mirror_axes_zyx)
-    if args.no_separate_z:
+    if args.no_separate_z:  # read when the predictor first resamples (a cached partial), so set before that
         predictor.configuration_manager.configuration["resampling_fn_data_kwargs"]["force_separate_z"] = False
     rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
     for report_path in sorted((args.work / "pred").glob("*.report.json"))[:args.cases]:
         name = report_path.name.removesuffix(".report.json")
         case = load_case(*discover_inputs(args.work / "cases" / name / "input"))
         region, _ = case.ct_grid.crop_to(fine_roi(json.loads(report_path.read_text())))
-        ours = hnseg_labels(case, spec, folds, region, args.level)
-        theirs = nnunet_labels(case, spec, predictor, region, args.level, args.pet_to_ct)
+        grid = model_grid(spec, region.box(), case.ct_grid)
+        image_czyx = build_input(case, grid, spec)
+        if args.level == "model":  # the same input; on the model grid nnU-Net's resampling is the identity
+            ours = hnseg_labels(spec, folds, grid, image_czyx, grid)
+            theirs = nnunet_labels(predictor, image_czyx, grid.spacing_xyz_mm)
+        else:
+            ours = hnseg_labels(spec, folds, grid, image_czyx, region)
+            native = native_channels(case, spec, region, args.pet_to_ct)
+            theirs = nnunet_labels(predictor, native, region.spacing_xyz_mm)
         row = [name]
         for label in (1, 2):
             a, b = ours == label, theirs == label
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
         row.append(float((ours == theirs).mean()))
         rows.append(row)
         print(f"{name}: Dice GTVp {row[1]:.4f}, GTVn {row[2]:.4f}, voxel agreement {row[3]:.5f}", flush=True)
-    print(f"\n{len(rows)} cases ({args.level} level); Dice per label (hnseg vs nnUNetPredictor, voxels pooled over cases): "
+    print(f"\n{len(rows)} cases ({args.level} level); Dice per label (hnseg vs nnUNetPredictor, voxels pooled over "
+          f"cases): "
           f"GTVp {dice(*totals[1]):.4f}, GTVn {dice(*totals[2]):.4f}; "
           f"lowest per case: GTVp {min(r[1] for r in rows):.4f}, GTVn {min(r[2] for r in rows):.4f}")
     return 0

@@ -677,7 +677,7 @@ def main(argv=None) -> int:
     for plan in selected:
         iterations = args.iterations or max(1, round(plan.iterations * args.iteration_scale))
         names = [c.name for c in cases_of(plan, cases)]
-        seed = 4242 + list(model_plans()).index(plan.name)  # the same whichever models are selected
+        seed = 4242 + list(plans).index(plan.name)  # the same whichever models are selected
         patches = Patches(cache_dir(work, plan, args.quick), names, plan, np.random.default_rng(seed))
         torch.manual_seed(seed)
         network = build_network(plan, work)
