@@ -2,11 +2,11 @@
 cases and the same region, as label agreement (Dice per label) on the CT voxels.
 
 The region is each case's fine ROI as hnseg's cascade found it (from the run reports bench/eval_demo.py wrote),
-cut from the native CT on whole voxels. nnU-Net gets what its training data were: the four channels [x, x², x^(1/3),
-y] computed on those native CT voxels (the PET first resampled linearly onto them, since nnU-Net needs one grid),
-then its own preprocessing (resampling to 1 mm), sliding window and logit resampling back. hnseg runs the exported
-ONNX model through its own path (channels from the native images, one interpolation, its sliding window, its
-probability restore) onto the same voxels.
+cut from the native CT on whole voxels. nnU-Net gets what its user would give it: the four channels [x, x², x^(1/3),
+y] computed on those native CT voxels (the PET first put onto them by the recipe's `pet_to_ct` interpolation, since
+nnU-Net needs one grid), then its own preprocessing (resampling to 1 mm), sliding window and logit resampling back.
+hnseg runs the exported ONNX model through its own path (the recipe's resampling, its sliding window, its restore)
+onto the same voxels.
 
     .venv/bin/python bench/eval_demo.py                 # writes the cases and run reports first
     .venv/bin/python bench/parity_demo_nnunet.py [--results NNUNET_RESULTS_FOLDER] [--work /tmp/hnseg-eval]
@@ -46,7 +46,7 @@ def hnseg_labels(spec, folds, grid: Grid, image_czyx: np.ndarray, target: Grid) 
     """Our labels from the model-grid input, restored onto `target` (the CT voxels of the region, or the model grid)."""
     probabilities = predict_probabilities(spec, folds, image_czyx)
     space = OutputSpace.for_models((spec,))
-    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid)], target)
+    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid, spec.resampling)], target)
 
 
 def native_channels(case, spec, region: Grid, pet_to_ct: str) -> np.ndarray:
@@ -90,19 +90,16 @@ def main(argv=None) -> int:
     parser.add_argument("--level", choices=("pipeline", "model"), default="pipeline",
                         help="pipeline (default): from the native voxels to the CT voxels, each its own way; model: "
                              "the same model-grid input to both, labels compared on the model grid")
-    parser.add_argument("--pet-to-ct", choices=tuple(INTERPOLATORS), default="linear",
-                        help="how nnU-Net's PET channel is put on the CT voxels first (pipeline level)")
-    parser.add_argument("--no-separate-z", action="store_true",
-                        help="diagnosis: nnU-Net resamples the data in 3-D even where the CT's slices are > 3x "
-                             "thicker than its pixels (its default then: in-plane cubic, nearest along z)")
+    parser.add_argument("--pet-to-ct", choices=tuple(INTERPOLATORS), default=None,
+                        help="how nnU-Net's PET channel is put on the CT voxels first (pipeline level; default: the "
+                             "recipe model's pet_to_ct)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
     folds = load_folds(spec, device="cpu")
     predictor = make_predictor(args.results)
     predictor.use_mirroring = bool(spec.mirror_axes_zyx)
-    if args.no_separate_z:  # read when the predictor first resamples (a cached partial), so set before that
-        predictor.configuration_manager.configuration["resampling_fn_data_kwargs"]["force_separate_z"] = False
+    pet_to_ct = args.pet_to_ct or spec.pet_to_ct
     rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
     for report_path in sorted((args.work / "pred").glob("*.report.json"))[:args.cases]:
         name = report_path.name.removesuffix(".report.json")
@@ -115,7 +112,7 @@ def main(argv=None) -> int:
             theirs = nnunet_labels(predictor, image_czyx, grid.spacing_xyz_mm)
         else:
             ours = hnseg_labels(spec, folds, grid, image_czyx, region)
-            native = native_channels(case, spec, region, args.pet_to_ct)
+            native = native_channels(case, spec, region, pet_to_ct)
             theirs = nnunet_labels(predictor, native, region.spacing_xyz_mm)
         row = [name]
         for label in (1, 2):

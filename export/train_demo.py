@@ -114,6 +114,12 @@ class ModelPlan:
         return "fit_roi" if self.route == "nnunet" else "exact"
 
     @property
+    def resampling(self) -> str:
+        return "nnunet" if self.route == "nnunet" else "direct"
+
+    pet_to_ct = "linear"  # nnU-Net resampling: the PET put on the CT's voxels first, as the export's default says
+
+    @property
     def channels(self) -> tuple[ChannelSpec, ...]:
         """The channel specs of the exported recipe: nnU-Net normalises the native image, then B-spline resamples
         (ops_before_sampling); MONAI resamples linearly, then normalises."""
@@ -219,7 +225,7 @@ def _cache_key(plan: ModelPlan, quick: bool) -> str:
     data = {k: v for k, v in asdict(plan).items()
             if k in ("sources", "ops", "spacing_xyz_mm", "route", "transpose_forward", "stage")}
     data.update(quick=quick, rois=[s[1] for s in STAGES], coarse_jitter=COARSE_JITTER_MM,
-                fine_jitter=FINE_JITTER_MM, version=1)
+                fine_jitter=FINE_JITTER_MM, version=2)  # 2: nnU-Net models sampled by nnU-Net's rule
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -548,10 +554,12 @@ def _check_recipe_matches(plan: ModelPlan, folder: Path) -> None:
     (spec,) = load_recipe(folder).models
     want = {"spacing_xyz_mm": tuple(plan.spacing_xyz_mm), "orientation": plan.orientation,
             "grid_spacing": plan.grid_spacing, "transpose_forward": tuple(plan.transpose_forward),
-            "patch_size_zyx": tuple(plan.patch), "head": tuple(plan.labels)}
+            "patch_size_zyx": tuple(plan.patch), "head": tuple(plan.labels),
+            "resampling": (plan.resampling, plan.pet_to_ct)}
     got = {"spacing_xyz_mm": tuple(spec.spacing_xyz_mm), "orientation": spec.orientation,
            "grid_spacing": spec.grid_spacing, "transpose_forward": tuple(spec.transpose_forward),
-           "patch_size_zyx": tuple(spec.patch_size_zyx), "head": tuple(spec.head.labels)}
+           "patch_size_zyx": tuple(spec.patch_size_zyx), "head": tuple(spec.head.labels),
+           "resampling": (spec.resampling, spec.pet_to_ct)}
     differ = [f"{key}: trained {want[key]}, recipe {got[key]}" for key in want
               if (not np.allclose(want[key], got[key], rtol=0, atol=1e-9) if key == "spacing_xyz_mm"
                   else want[key] != got[key])]

@@ -6,10 +6,13 @@ there. The recipe reproduces nnUNetPredictor: the configuration's spacing and pa
 normalisation with the dataset's foreground statistics, the checkpoint's mirroring axes, step 0.5, Gaussian
 weighting, fold logits averaged, softmax labels or sigmoid regions in regions_class_order.
 
-Known, small differences from nnU-Net's own preprocessing: channels are interpolated once from the native image
-onto the model grid (nnU-Net resamples the cropped array, with order 0 along z for anisotropic data), and a
+The recipe model resamples as nnUNetPredictor does (`"resampling": "nnunet"`): every channel on the CT's voxels
+(the PET interpolated there by --pet-to-ct, as the user's dataset conversion did), normalised there, resampled to
+the model grid by nnU-Net's rule (cubic; in-plane cubic and nearest across slices more than 3x thicker than the
+pixels), probabilities back linearly by the same rule. Known, small differences: the probabilities are resampled
+where nnU-Net resamples logits, the image borders are mirrored where nnU-Net repeats the edge, and a
 `use_mask_for_norm` z-score is taken over the channel's non-zero voxels (nnU-Net: the non-zero region of all
-channels). The end-to-end parity test measures what these cost.
+channels). The end-to-end parity test and bench/parity_demo_nnunet.py measure what these cost.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pet-values", choices=("suv", "stored"), default="suv",
                         help="what the PET channel held in training: SUV (default: inputs in Bq/mL are converted "
                              "to SUV first) or the stored values as they are")
+    parser.add_argument("--pet-to-ct", choices=("linear", "bspline"), default="linear",
+                        help="how the training data's PET was put on the CT grid before nnU-Net saw it (default "
+                             "linear); inference does the same")
     parser.add_argument("--channel-ops", default=None, metavar="JSON",
                         help="what made each training input channel from its source before nnU-Net saw it: a JSON "
                              "list with one list of recipe ops per channel (e.g. [[{\"op\": \"power\", "
@@ -89,7 +95,8 @@ def export(args) -> Path:
                  "fold_average": "logits", "step_fraction": 0.5,
                  "mirror_axes_zyx": [] if args.no_mirroring else list(predictor.allowed_mirroring_axes or ()),
                  "tile_batch": args.tile_batch, "gaussian": True, "grid_spacing": "fit_roi",
-                 "provenance": provenance}
+                 "resampling": "nnunet", "pet_to_ct": args.pet_to_ct,
+                 "provenance": {**provenance, "notes": _resampling_notes(config)}}
         write_recipe(staging, name=name, roi=roi, models=[model], postprocess={},
                      description=f"nnU-Net v2 {predictor.trainer_name} {plans.plans_name} "
                                  f"{_configuration_name(predictor)}, folds {', '.join(folds)}, from {results}")
@@ -206,6 +213,18 @@ def _channels(predictor, sources, pet_values: str, channel_ops: list | None = No
                               plans.foreground_intensity_properties_per_channel.get(str(index)), name)
         channels.append({"source": source, "interpolation": interpolation, "ops": ops, "ops_before_sampling": True})
     return channels
+
+
+def _resampling_notes(config) -> list[str]:
+    """Where the configuration's resampling differs from nnU-Net's default rule, which hnseg reproduces."""
+    notes = []
+    for key, orders in (("resampling_fn_data_kwargs", (1, 3)), ("resampling_fn_probabilities_kwargs", (1,))):
+        kwargs = config.configuration.get(key, {})
+        if kwargs.get("force_separate_z") is not None or kwargs.get("order_z", 0) != 0 \
+                or kwargs.get("order", orders[-1]) not in orders:
+            notes.append(f"{key} {kwargs}: hnseg resamples by nnU-Net's default rule (order {orders[-1]}, nearest "
+                         f"across slices > 3x thicker than the pixels); expect small differences")
+    return notes
 
 
 def _normalisation(scheme: str, use_mask: bool, properties: dict | None, channel: str) -> list[dict]:

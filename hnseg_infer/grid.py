@@ -203,3 +203,64 @@ def sample_labels(image: sitk.Image, grid: Grid) -> np.ndarray:
     out = sitk.Resample(image, grid.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                         image.GetPixelID())
     return sitk.GetArrayViewFromImage(out).copy()
+
+
+ANISOTROPY_THRESHOLD = 3.0  # nnU-Net's ANISO_THRESHOLD: resample "separate z" beyond this spacing ratio
+
+
+def lowres_axis(spacing_xyz_mm) -> int | None:
+    """nnU-Net's low-resolution axis (xyz): the one axis of largest spacing when that is more than 3x the finest
+    (None when the spacing is not that anisotropic, or when two axes share the largest spacing)."""
+    spacing = np.asarray(spacing_xyz_mm, dtype=np.float64)
+    if spacing.max() / spacing.min() <= ANISOTROPY_THRESHOLD:
+        return None
+    coarsest = np.flatnonzero(spacing == spacing.max())
+    return int(coarsest[0]) if len(coarsest) == 1 else None
+
+
+def sample_nnunet(image: sitk.Image, grid: Grid, *, interpolation: str, fill_value: float) -> np.ndarray:
+    """nnU-Net's resampling (resample_data_or_seg_to_shape) between two grids with the same axes, as float32 zyx.
+    When the source's or else the target's spacing has a low-resolution axis, `interpolation` runs within each
+    source plane across that axis, then nearest neighbour along it ("separate z", order 0); otherwise
+    `interpolation` in 3-D, as `sample`. The planes step is exact: at its own slices an interpolating spline is the
+    2-D spline of the slice. As skimage's resize (clip=True), the values stay within the source's range (each
+    plane's, plane by plane), so a spline's overshoot at a peak is cut there; the fill is clipped alike."""
+    source = Grid.of(image)
+    axis = lowres_axis(source.spacing_xyz_mm)
+    axis = lowres_axis(grid.spacing_xyz_mm) if axis is None else axis
+    source_zyx = sitk.GetArrayViewFromImage(image)
+    if axis is None:
+        values = sample(image, grid, interpolation=interpolation, fill_value=fill_value)
+        return np.clip(values, source_zyx.min(), source_zyx.max(), out=values)
+    if not np.allclose(source.direction, grid.direction, atol=1e-6):
+        raise ValueError(f"nnU-Net resampling needs grids with the same axes: source direction {source.direction}, "
+                         f"target {grid.direction}")
+    first, last = _planes_near(source, grid, axis)
+    if last < first:  # the target lies beyond the source's planes
+        return np.full(grid.size_zyx, fill_value, np.float32)
+    planes = _planes_grid(source, grid, axis, first, last)
+    values = sample(image, planes, interpolation=interpolation, fill_value=fill_value)
+    array_axis = 2 - axis
+    source_planes = np.moveaxis(source_zyx, array_axis, 0)[first:last + 1]
+    shape = [1, 1, 1]
+    shape[array_axis] = last - first + 1
+    values = np.clip(values, source_planes.min(axis=(1, 2)).reshape(shape),
+                     source_planes.max(axis=(1, 2)).reshape(shape), out=values)
+    return sample(planes.image_from_array(values), grid, interpolation="nearest", fill_value=fill_value)
+
+
+def _planes_near(source: Grid, target: Grid, axis: int) -> tuple[int, int]:
+    """The source's planes along `axis` near the target (one extra each side), first and last index."""
+    ends = source.physical_to_index(target.index_to_physical([[0, 0, 0], np.asarray(target.size_xyz) - 1]))[:, axis]
+    return max(int(np.floor(ends.min())) - 1, 0), min(int(np.ceil(ends.max())) + 1, source.size_xyz[axis] - 1)
+
+
+def _planes_grid(source: Grid, target: Grid, axis: int, first: int, last: int) -> Grid:
+    """The target's lattice across `axis`, the source's planes first..last along it (both grids share axes)."""
+    d = _direction_matrix(target.direction)[:, axis]
+    shift_mm = d @ (source.index_to_physical([[first if a == axis else 0 for a in range(3)]])[0]
+                    - np.asarray(target.origin_xyz_mm))
+    size, spacing = list(target.size_xyz), list(target.spacing_xyz_mm)
+    size[axis], spacing[axis] = last - first + 1, source.spacing_xyz_mm[axis]
+    origin = np.asarray(target.origin_xyz_mm) + d * shift_mm
+    return Grid(tuple(size), tuple(spacing), tuple(origin.tolist()), target.direction)

@@ -163,7 +163,7 @@ def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunR
         with report.stage(f"{prefix}{spec.name}: sliding_window"):
             probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
         del image_czyx
-        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid))
+        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid, spec.resampling))
         records.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
                         "patch_size_zyx": list(spec.patch_size_zyx), "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
     report.stage_record(stage.name)["models"] = records

@@ -26,6 +26,7 @@ RECIPE_FILE = "recipe.json"
 # RAS axes, i.e. LPS with x and y flipped (as MONAI's Orientationd(axcodes="RAS") lays arrays out).
 ORIENTATIONS = ("lps", "ct", "ras")
 INTERPOLATIONS = ("linear", "bspline")
+RESAMPLINGS = ("direct", "nnunet")  # a model's path between the native images, its grid and the CT
 FOLD_AVERAGES = ("probabilities", "logits")
 GRID_SPACINGS = ("exact", "fit_roi")
 RESTORES = ("probabilities", "paste_nearest")  # a last stage's "restore"
@@ -89,6 +90,12 @@ class ModelSpec:
     # Monte-Carlo dropout: one stochastic twin per fold (mc_dropout.py), used only by uncertainty passes.
     stochastic_files: tuple[Path, ...] = ()
     stochastic_sha256: tuple[str, ...] = ()
+    # "direct": each channel interpolated once from its native image onto the model grid, probabilities linearly
+    # onto the CT. "nnunet": as nnUNetPredictor on a case whose channels are on the CT's voxels: the PET put there
+    # first (by `pet_to_ct` interpolation, as the training data's conversion did), then nnU-Net's resampling rule
+    # (grid.sample_nnunet) to the model grid and, linearly, back to the CT. Needs orientation "ct".
+    resampling: str = "direct"
+    pet_to_ct: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,7 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     """One recipe model entry, validated (`where` names it in messages; `folder` holds its files)."""
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
             "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
-            "tiling", "overlap", "grid_spacing", "stochastic_files")
+            "tiling", "overlap", "grid_spacing", "stochastic_files", "resampling", "pet_to_ct")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -275,10 +282,28 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
         raise RecipeError(f"{where}: grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
     stochastic = parse_stochastic_files(r.take("stochastic_files", default=[]), n_files=len(files), where=where,
                                         folder=folder)
+    resampling, pet_to_ct = _resampling(r, where, orientation)
     r.done(keys)
     return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, orientation, patch, channels, head,
                      fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap,
-                     grid_spacing, stochastic, tuple(file_sha256(f) for f in stochastic))
+                     grid_spacing, stochastic, tuple(file_sha256(f) for f in stochastic), resampling, pet_to_ct)
+
+
+def _resampling(r: _Reader, where: str, orientation: str) -> tuple[str, str]:
+    """(resampling, pet_to_ct): `pet_to_ct` belongs to nnU-Net resampling, which needs the CT's axes."""
+    resampling = r.take("resampling", default="direct", kind=str)
+    if resampling not in RESAMPLINGS:
+        raise RecipeError(f"{where}: resampling must be one of {RESAMPLINGS}, got {resampling!r}")
+    if resampling == "nnunet" and orientation != "ct":
+        raise RecipeError(f"{where}: resampling \"nnunet\" resamples along the CT's own axes: it needs orientation "
+                          f"\"ct\", got {orientation!r}")
+    if resampling != "nnunet" and "pet_to_ct" in r.obj:
+        raise RecipeError(f"{where}: pet_to_ct is read only with resampling \"nnunet\" (got resampling "
+                          f"{resampling!r}): remove it or set resampling \"nnunet\"")
+    pet_to_ct = r.take("pet_to_ct", default="linear", kind=str)
+    if pet_to_ct not in INTERPOLATIONS:
+        raise RecipeError(f"{where}: pet_to_ct must be one of {INTERPOLATIONS}, got {pet_to_ct!r}")
+    return resampling, pet_to_ct
 
 
 def _tiling(r: _Reader, where: str) -> tuple[str, float | None, float]:

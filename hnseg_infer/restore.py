@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid, sample
+from .grid import Grid, sample, sample_nnunet
 from .recipe import HeadSpec, ModelSpec
 
 LABELS = (0, 1, 2)
@@ -51,20 +51,23 @@ class OutputSpace:
 
     def decode_ensemble(self, members: list["Member"], target: Grid) -> np.ndarray:
         """uint8 labels on `target` from the members' weighted mean probabilities, one output channel at a time
-        (each interpolated linearly onto `target`, so that at most two channel-sized float arrays exist): argmax
-        over labels (first label on ties), or nnU-Net's region order (later regions paint over earlier ones)."""
+        (each interpolated linearly onto `target` by its model's resampling rule, so that at most two channel-sized
+        float arrays exist): argmax over labels (first label on ties), or nnU-Net's region order (later regions
+        paint over earlier ones). A lone model with nnU-Net resampling is interpolated as nnU-Net does, in logit
+        space: log-probabilities (the logits less one value per voxel: the same argmax) or a sigmoid's logits."""
         total_weight = sum(m.weight for m in members)
+        in_logits = len(members) == 1 and members[0].resampling == "nnunet"
+        to_logits = (_log_probability if self.kind == "labels" else _log_odds) if in_logits else None
         labels = np.zeros(target.size_zyx, np.uint8)
         best = None
         for k, fill in enumerate(self.fill_values()):
             channel = None
             for member in members:
-                image = member.grid.image_from_array(np.ascontiguousarray(member.channels[k], dtype=np.float32))
-                term = sample(image, target, interpolation="linear", fill_value=fill)
+                term = member.channel_on(k, target, fill, transform=to_logits)
                 term *= member.weight / total_weight
                 channel = term if channel is None else np.add(channel, term, out=channel)
             if self.kind == "regions":
-                labels[channel > 0.5] = self.region_labels[k]
+                labels[channel > (0.0 if in_logits else 0.5)] = self.region_labels[k]
             elif best is None:
                 best = channel
             else:
@@ -80,6 +83,27 @@ class Member:
     weight: float
     channels: list[np.ndarray]
     grid: Grid
+    resampling: str = "direct"  # the model's: "nnunet" restores by nnU-Net's rule (nearest across thick CT slices)
+
+    def channel_on(self, k: int, target: Grid, fill_value: float, *, transform=None) -> np.ndarray:
+        """Output channel k (through `transform`, when given) interpolated linearly onto `target` by the model's
+        resampling rule."""
+        values = np.ascontiguousarray(self.channels[k], dtype=np.float32)
+        if transform is not None:
+            values, fill_value = transform(values), float(transform(np.float32(fill_value)))
+        resample = sample_nnunet if self.resampling == "nnunet" else sample
+        return resample(self.grid.image_from_array(values), target, interpolation="linear", fill_value=fill_value)
+
+
+TINY = np.float32(1e-30)  # keeps the logarithms of float32 probabilities finite
+
+
+def _log_probability(p: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(p, TINY))
+
+
+def _log_odds(p: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(p, TINY)) - np.log(np.maximum(1 - p, TINY))
 
 
 def paste(labels_zyx: np.ndarray, slices_zyx: tuple[slice, slice, slice], ct_grid: Grid) -> sitk.Image:

@@ -24,7 +24,7 @@ import cc3d
 import numpy as np
 
 from .errors import OutputError, RecipeError
-from .grid import Grid, sample
+from .grid import Grid
 from .io import Case, write_image_atomic
 from .mc_dropout import load_stochastic, tile_seed
 from .predict import build_input, model_grid, predict_probabilities
@@ -99,7 +99,7 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
         durations.append(time.perf_counter() - start)
     n_passes = len(durations)
     space = OutputSpace.for_models(stage.models)
-    members = [Member(spec.weight, space.from_head(total / np.float32(n_passes), spec.head), grid)
+    members = [Member(spec.weight, space.from_head(total / np.float32(n_passes), spec.head), grid, spec.resampling)
                for spec, total, grid in zip(stage.models, totals, grids)]
     probabilities = _ensemble_channels(members, roi_grid, space.fill_values())
     record = {"passes": n_passes, "passes_requested": config.passes, "seed": config.seed,
@@ -149,15 +149,14 @@ def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, clicks, no
 
 
 def _ensemble_channels(members: list[Member], target: Grid, fills: list[float]) -> list[np.ndarray]:
-    """Each output channel's weighted mean over the members, interpolated linearly onto `target`."""
+    """Each output channel's weighted mean over the members, interpolated linearly onto `target` (decode_ensemble's
+    rule)."""
     total_weight = sum(m.weight for m in members)
     out = []
     for k, fill in enumerate(fills):
         channel = np.zeros(target.size_zyx, np.float32)
         for member in members:
-            image = member.grid.image_from_array(np.ascontiguousarray(member.channels[k], dtype=np.float32))
-            channel += sample(image, target, interpolation="linear", fill_value=fill) * np.float32(
-                member.weight / total_weight)
+            channel += member.channel_on(k, target, fill) * np.float32(member.weight / total_weight)
         out.append(channel)
     return out
 

@@ -49,15 +49,24 @@ def _pet(points):
     return value
 
 
-@pytest.fixture(scope="module")
-def case_files(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("case")
-    geometry = dict(size_xyz=CT_SIZE_XYZ, spacing_xyz_mm=CT_SPACING_XYZ_MM, origin_xyz_mm=CT_ORIGIN_XYZ_MM,
+def _case_files(folder: Path, size_xyz, spacing_xyz_mm) -> tuple[Path, Path]:
+    geometry = dict(size_xyz=size_xyz, spacing_xyz_mm=spacing_xyz_mm, origin_xyz_mm=CT_ORIGIN_XYZ_MM,
                     direction=CT_DIRECTION)
     paths = folder / "case_0000.mha", folder / "case_0001.mha"
     sitk.WriteImage(image_from_function(_ct, **geometry), str(paths[0]))
     sitk.WriteImage(image_from_function(_pet, **geometry), str(paths[1]))
     return paths
+
+
+@pytest.fixture(scope="module")
+def case_files(tmp_path_factory) -> tuple[Path, Path]:
+    return _case_files(tmp_path_factory.mktemp("case"), CT_SIZE_XYZ, CT_SPACING_XYZ_MM)
+
+
+@pytest.fixture(scope="module")
+def thick_slice_case_files(tmp_path_factory) -> tuple[Path, Path]:
+    """The same scene with slices 4.5x thicker than the finest pixels: nnU-Net resamples it "separate z"."""
+    return _case_files(tmp_path_factory.mktemp("thick"), (56, 70, 15), (1.6, 1.1, 4.95))
 
 
 def _export(results: Path, out: Path, *extra: str) -> Path:
@@ -172,8 +181,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
 
 
-def test_end_to_end_labels_match_nnunet_predictor(exported, case_files, tmp_path):
+@pytest.mark.parametrize("case", ["case_files", "thick_slice_case_files"])
+def test_end_to_end_labels_match_nnunet_predictor(exported, case, tmp_path, request):
     architecture, results, weights = exported
+    case_files = request.getfixturevalue(case)
     predictor = _predictor(results, fp32_accumulators=False)
     (tmp_path / "nnunet").mkdir()
     predictor.predict_from_files_sequential([[str(p) for p in case_files]], str(tmp_path / "nnunet"),
@@ -186,11 +197,12 @@ def test_end_to_end_labels_match_nnunet_predictor(exported, case_files, tmp_path
     ours_zyx, reference_zyx = sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference)
     dice = {label: _dice(ours_zyx == label, reference_zyx == label) for label in (1, 2)}
     volumes = {label: int((reference_zyx == label).sum()) for label in (1, 2)}
-    print(f"{architecture}: Dice per label {dice}, nnU-Net voxels per label {volumes}, "
+    print(f"{architecture}, {case}: Dice per label {dice}, nnU-Net voxels per label {volumes}, "
           f"agreement {(ours_zyx == reference_zyx).mean():.4f}")
     assert all(v > 100 for v in volumes.values())  # both labels present: the Dice values mean something
-    assert all(d > 0.95 for d in dice.values())
-    assert (ours_zyx == reference_zyx).mean() > 0.97
+    # random weights: the labels are speckle, so every boundary voxel counts (a trained model's Dice is higher)
+    assert all(d > 0.98 for d in dice.values())
+    assert (ours_zyx == reference_zyx).mean() > 0.985
 
 
 def test_regions_become_a_sigmoid_head(tmp_path):

@@ -105,7 +105,8 @@ def test_ops_before_sampling_clip_the_native_voxels_first(direction):
     case = Case(ct, ct, Path("ct.mha"), Path("pet.mha"), detect_pet_unit(ct))
     clip = ({"op": "clip", "min": -150.0, "max": 250.0},)
 
-    class Spec:  # build_input reads only the channels
+    class Spec:  # build_input reads only the resampling and the channels
+        resampling = "direct"
         channels = (ChannelSpec("ct", "linear", clip, ops_before_sampling=True), ChannelSpec("ct", "linear", clip))
 
     before, after = build_input(case, grid, Spec).reshape(2)

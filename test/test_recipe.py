@@ -65,6 +65,11 @@ def test_monai_tiling_and_ras_orientation_load(tmp_path):
     (lambda r: r["models"][0].update(overlap=0.5), "'overlap' is MONAI tiling's"),
     (lambda r: r["models"][0].update(grid_spacing="nnunet"), "grid_spacing must be one of"),
     (lambda r: r["models"][0]["channels"][0].update(ops_before_sampling="yes"), "'ops_before_sampling' must be bool"),
+    (lambda r: r["models"][0].update(resampling="scipy"), "resampling must be one of"),
+    (lambda r: r["models"][0].update(resampling="nnunet", orientation="ras"), "it needs orientation \"ct\""),
+    (lambda r: r["models"][0].update(pet_to_ct="bspline"), "pet_to_ct is read only with resampling \"nnunet\""),
+    (lambda r: r["models"][0].update(resampling="nnunet", orientation="ct", pet_to_ct="cubic"),
+     "pet_to_ct must be one of"),
 ])
 def test_invalid_recipes_name_the_key(tmp_path, mutate, message):
     folder = edit(write_weights(tmp_path), mutate)
