@@ -122,10 +122,14 @@ def main(argv=None) -> int:
             row.append(dice(*counts))
         row.append(float((ours == theirs).mean()))
         rows.append(row)
-        print(f"{name}: Dice GTVp {row[1]:.4f}, GTVn {row[2]:.4f}, voxel agreement {row[3]:.5f}", flush=True)
+        voxels = ", ".join(f"{label_name} {int((ours == label).sum())}/{int((theirs == label).sum())}"
+                           for label, label_name in ((1, "GTVp"), (2, "GTVn")))
+        print(f"{name}: Dice GTVp {row[1]:.4f}, GTVn {row[2]:.4f}, voxel agreement {row[3]:.6f} (voxels hnseg/"
+              f"nnU-Net: {voxels})", flush=True)
     print(f"\n{len(rows)} cases ({args.level} level); Dice per label (hnseg vs nnUNetPredictor, voxels pooled over "
           f"cases): "
-          f"GTVp {dice(*totals[1]):.4f}, GTVn {dice(*totals[2]):.4f}; "
+          f"GTVp {dice(*totals[1]):.4f}, GTVn {dice(*totals[2]):.4f} (nnU-Net's voxels: GTVp {totals[1][2]}, GTVn "
+          f"{totals[2][2]}); "
           f"lowest per case: GTVp {min(r[1] for r in rows):.4f}, GTVn {min(r[2] for r in rows):.4f}")
     return 0
 
