@@ -9,10 +9,10 @@ weighting, fold logits averaged, softmax labels or sigmoid regions in regions_cl
 The recipe model resamples as nnUNetPredictor does (`"resampling": "nnunet"`): every channel on the CT's voxels
 (the PET interpolated there by --pet-to-ct, as the user's dataset conversion did), normalised there, resampled to
 the model grid by nnU-Net's rule (cubic; in-plane cubic and nearest across slices more than 3x thicker than the
-pixels), probabilities back linearly by the same rule. Known, small differences: the probabilities are resampled
-where nnU-Net resamples logits, the image borders are mirrored where nnU-Net repeats the edge, and a
-`use_mask_for_norm` z-score is taken over the channel's non-zero voxels (nnU-Net: the non-zero region of all
-channels). The end-to-end parity test and bench/parity_demo_nnunet.py measure what these cost.
+pixels), and back linearly by the same rule (in logit space, as nnU-Net, when the model is alone in its stage; in
+an ensemble its probabilities). Known, small differences: the image borders are mirrored where nnU-Net repeats
+the edge, and a `use_mask_for_norm` z-score is taken over the channel's non-zero voxels (nnU-Net: the non-zero
+region of all channels). The end-to-end parity test and bench/parity_demo_nnunet.py measure what these cost.
 """
 
 from __future__ import annotations
