@@ -7,7 +7,7 @@ Reads /input/images/{ct,pet}/*, writes /output/images/tumor-lymph-node-segmentat
 
 import sys
 
-from hnseg_infer.cli import container_main
+from hnseg_infer.cli.main import container_main
 
 if __name__ == "__main__":
     sys.exit(container_main())

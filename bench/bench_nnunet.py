@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "test")]
-from hnseg_infer.phantom import make_phantom  # noqa: E402
+from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
 
 FEATURES = (16, 32, 64, 128, 256)
 PATCH_ZYX, SPACING_ZYX_MM = (48, 128, 128), (3.0, 2.0, 2.0)
@@ -66,8 +66,8 @@ def route_nnunet(results: Path, weights: Path, case: list[Path], out: Path) -> P
 
 
 def route_hnseg(results: Path, weights: Path, case: list[Path], out: Path) -> Path:
-    from hnseg_infer.pipeline import predict_files
-    from hnseg_infer.recipe import load_recipe
+    from hnseg_infer.segmenter import predict_files
+    from hnseg_infer.recipe.load import load_recipe
 
     mask = predict_files(case[0], case[1], load_recipe(weights), device="cpu").mask
     out.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hnseg_infer.grid import Grid, sample  # noqa: E402
-from hnseg_infer.io import FILL_VALUE, load_case  # noqa: E402
-from hnseg_infer.phantom import make_phantom  # noqa: E402
-from hnseg_infer.roi import locate_roi  # noqa: E402
+from hnseg_infer.geometry.grid import Grid, sample  # noqa: E402
+from hnseg_infer.io.images import FILL_VALUE, load_case  # noqa: E402
+from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
+from hnseg_infer.roi.locate import locate_roi  # noqa: E402
 
 MODEL_SPACING_XYZ_MM = (1.0, 1.0, 1.0)
 ROI = ("pet_threshold_head_neck_box", {})

@@ -28,13 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_WORK = Path("/tmp/hnseg-train")  # export/train_demo.py --work: the native models weights/demo came from
 sys.path.insert(0, str(ROOT))
-from hnseg_infer.grid import Box, Grid  # noqa: E402
-from hnseg_infer.intensity import apply_ops  # noqa: E402
-from hnseg_infer.io import discover_inputs, load_case  # noqa: E402
-from hnseg_infer.metrics import dice  # noqa: E402
-from hnseg_infer.predict import build_input, load_folds, model_grid, predict_probabilities  # noqa: E402
-from hnseg_infer.recipe import load_recipe  # noqa: E402
-from hnseg_infer.restore import Member, OutputSpace  # noqa: E402
+from hnseg_infer.geometry.grid import Box, Grid  # noqa: E402
+from hnseg_infer.channels.intensity import apply_ops  # noqa: E402
+from hnseg_infer.io.images import discover_inputs, load_case  # noqa: E402
+from hnseg_infer.tools.metrics import dice  # noqa: E402
+from hnseg_infer.channels.build import build_input, load_folds, model_grid, predict_probabilities  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
+from hnseg_infer.restore.ensemble import Member, OutputSpace  # noqa: E402
 
 
 def fine_roi(report: dict) -> Box:

@@ -30,13 +30,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArg
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from scipy.ndimage import zoom
 
-from hnseg_infer.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
 from hnseg_infer.errors import ExportError, HnsegError
-from hnseg_infer.recipe import ModelSpec, file_sha256, load_recipe
-from hnseg_infer.tensorrt import CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir, probe_platform
+from hnseg_infer.recipe.load import ModelSpec, file_sha256, load_recipe
+from hnseg_infer.inference.tensorrt import CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir, probe_platform
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-# The fp16 bar of the exports (hnseg_infer.agreement): an fp16 engine against the fp32 ONNX on CUDA.
+# The fp16 bar of the exports (hnseg_infer.inference.agreement): an fp16 engine against the fp32 ONNX on CUDA.
 TOLERANCE, MIN_AGREEMENT = TOLERANCE_FP16, MIN_AGREEMENT_FP16
 _ORT_ERRORS = (Fail, EPFail, InvalidArgument, InvalidGraph, RuntimeException, OrtNotImplemented)
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -22,10 +22,10 @@ The four models (recipe names), each trained from scratch, one fold, fp32:
   fine_segresnetds   MONAI SegResNetDS (deep supervision) on [CT, PET] as an Auto3DSeg segresnet checkpoint
                      (normalize_mode "range" for CT, "pet" for PET, RAS, 1 mm), same box; averaged with fine_nnunet
 
-Every training input is made by the inference code itself: the ROI box by `hnseg_infer.roi` (from the reference
+Every training input is made by the inference code itself: the ROI box by `hnseg_infer.roi.locate` (from the reference
 labels, jittered), the model grid by `predict.model_grid` and the channels by `predict.build_input` with the very
 channel specs the exporter writes (checked against the exported recipe, which fails the run if they differ).
-Phantoms come from `hnseg_infer.phantom.make_phantom(**hecktor_acquisition(seed))` with training seeds 1000-1999
+Phantoms come from `hnseg_infer.tools.phantom.make_phantom(**hecktor_acquisition(seed))` with training seeds 1000-1999
 (0-999 are for evaluation and the demo); the CT is rounded to int16 as `write_case` stores it.
 
 Work folder (--work, default /tmp/hnseg-train): cache/ (model inputs and labels as .npy per case, reused by later
@@ -52,11 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hnseg_infer.grid import Box, Grid, sample_labels  # noqa: E402
-from hnseg_infer.io import Case, detect_pet_unit  # noqa: E402
-from hnseg_infer.predict import build_input, model_grid  # noqa: E402
-from hnseg_infer.recipe import ChannelSpec, load_recipe  # noqa: E402
-from hnseg_infer.roi import StageLabels, locate_roi  # noqa: E402
+from hnseg_infer.geometry.grid import Box, Grid, sample_labels  # noqa: E402
+from hnseg_infer.io.images import Case, detect_pet_unit  # noqa: E402
+from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
+from hnseg_infer.recipe.load import ChannelSpec, load_recipe  # noqa: E402
+from hnseg_infer.roi.locate import StageLabels, locate_roi  # noqa: E402
 
 TRAIN_SEEDS = range(1000, 2000)  # 0-999: evaluation and the demo
 FOV_CYCLE = ("head-neck", "head-only", "head-neck", "whole-body", "head-neck", "head-neck")
@@ -185,7 +185,7 @@ def training_cases(n: int) -> list[TrainingCase]:
 
 
 def acquisition(case: TrainingCase, *, quick: bool) -> dict:
-    from hnseg_infer.phantom import hecktor_acquisition
+    from hnseg_infer.tools.phantom import hecktor_acquisition
 
     keywords = dict(hecktor_acquisition(case.seed))
     if quick:  # a coarse CT: cheap to make and to sample
@@ -237,7 +237,7 @@ def prepare_cases(cases: list[TrainingCase], plans: list[ModelPlan], work: Path,
     """For each case, the inputs and labels of every plan (network axis order), unless cached already."""
     import SimpleITK as sitk
 
-    from hnseg_infer.phantom import make_phantom
+    from hnseg_infer.tools.phantom import make_phantom
 
     started = time.time()
     for number, case in enumerate(cases):

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from hnseg_infer.errors import ExportError
-from hnseg_infer.recipe import file_sha256
+from hnseg_infer.recipe.load import file_sha256
 
 from .onnx_export import (SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
                           staged_weights, write_recipe)

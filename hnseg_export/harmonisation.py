@@ -4,7 +4,7 @@ The reference subject's CT is cropped and sampled exactly as the model will samp
 recipe's ROI method on the reference (its PET when given; without one the CT-only box, a box of the method's size
 at the top of the CT, which is the reference CT's own extent when it was already cropped to the ROI at the top),
 the model's grid in that box (same spacing, orientation and size), the CT channel's interpolation. The
-low-frequency DCT block of each axial slice of that grid (hnseg_infer.harmonise) goes into a .npz beside the
+low-frequency DCT block of each axial slice of that grid (hnseg_infer.channels.harmonise) goes into a .npz beside the
 weights, and {"op": "spectrum_swap", "reference": FILE, "radius": τ} becomes the first op of each CT channel
 (after sampling, before the normalisation), replacing an earlier one. The reference file and recipe.json are
 each written atomically, and the recipe is read back through the runtime's validator; if that fails, both are
@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 from hnseg_infer.errors import ExportError, HnsegError
-from hnseg_infer.grid import Box, Grid, sample
-from hnseg_infer.harmonise import DEFAULT_RADIUS, REFERENCE_FILE, low_frequency_block, save_reference
-from hnseg_infer.io import FILL_VALUE, load_case
-from hnseg_infer.predict import model_grid
-from hnseg_infer.recipe import RECIPE_FILE, ModelSpec, StageSpec, file_sha256, load_recipe
-from hnseg_infer.roi import NEEDS_PREVIOUS_STAGE, box_size_mm, locate_roi
+from hnseg_infer.geometry.grid import Box, Grid, sample
+from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, REFERENCE_FILE, low_frequency_block, save_reference
+from hnseg_infer.io.images import FILL_VALUE, load_case
+from hnseg_infer.channels.build import model_grid
+from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, file_sha256, load_recipe
+from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, locate_roi
 
 
 def add_reference(weights: Path, reference_ct: Path, *, reference_pet: Path | None = None,

@@ -1,6 +1,6 @@
 """Stochastic twins for Monte-Carlo dropout (HN-UISeg): each fold's network with every nn.Dropout module replaced
 by `HashDropout`, whose mask is integer arithmetic on two extra inputs (a seed per tile and the rate), so the
-exported graph gives the same masks on every onnxruntime provider (hnseg_infer/mc_dropout.py says why and how).
+exported graph gives the same masks on every onnxruntime provider (hnseg_infer/inference/stochastic.py says why and how).
 
 The twin is exported by tracing a wrapper that hands the seed and rate tensors to the HashDropout modules before
 calling the network, so they enter the graph as inputs. It is proven against PyTorch (the same HashDropout masks
@@ -17,9 +17,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from hnseg_infer.agreement import MIN_AGREEMENT_FP32, TOLERANCE_FP32, compare_logits
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP32, TOLERANCE_FP32, compare_logits
 from hnseg_infer.errors import ExportError
-from hnseg_infer.mc_dropout import MODULUS, RATE_INPUT, ROUNDS, SEED_INPUT, SITE_STRIDE
+from hnseg_infer.inference.stochastic import MODULUS, RATE_INPUT, ROUNDS, SEED_INPUT, SITE_STRIDE
 
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, FirstOutput, proof_input, stamp
 
@@ -30,7 +30,7 @@ PROOF_SEED = 12345
 
 
 class HashDropout(torch.nn.Module):
-    """Dropout whose keep mask is a hash of (tile seed, site, element position): see hnseg_infer.mc_dropout."""
+    """Dropout whose keep mask is a hash of (tile seed, site, element position): see hnseg_infer.inference.stochastic."""
 
     def __init__(self, site: int, *, channelwise: bool, trained_rate: float):
         super().__init__()
@@ -164,7 +164,7 @@ def uncertainty_block(text: str | None, model) -> dict | None:
     if text is None:
         return None
     from hnseg_infer.errors import RecipeError
-    from hnseg_infer.uncertainty_config import parse_uncertainty
+    from hnseg_infer.uncertainty.config import parse_uncertainty
 
     from .onnx_export import json_object
 

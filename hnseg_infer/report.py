@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime
 import SimpleITK as sitk
 
-from . import __version__
+from hnseg_infer._version import __version__
 
 LABEL_NAMES = {1: "GTVp", 2: "GTVn"}
 

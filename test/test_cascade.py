@@ -11,9 +11,9 @@ import SimpleITK as sitk
 from builders import PET_THRESHOLD_MODEL, model_entry, oblique_direction, save_linear_model
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.grid import Grid
-from hnseg_infer.pipeline import predict_case
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.segmenter import predict_case
+from hnseg_infer.recipe.load import load_recipe
 from test_pipeline import label_centroid_index_xyz, make_case
 
 REGION_MODEL = {"weight": [[0, 0], [0, 2.0]], "bias": [0, -10.0]}  # label 1 where SUV > 5

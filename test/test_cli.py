@@ -5,7 +5,7 @@ import json
 import SimpleITK as sitk
 
 from conftest import small_case, write_gc_input
-from hnseg_infer.cli import main
+from hnseg_infer.cli.main import main
 
 
 def test_predict_writes_mask_and_report(tmp_path, weights_dir):

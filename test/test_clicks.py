@@ -13,13 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from builders import image_from_function, model_entry, signed_permutations, write_weights
 from conftest import write_gc_input
-from hnseg_infer.clicks import RADIUS_VOXELS, Click, Clicks, encode, load_clicks
-from hnseg_infer.cli import main
+from hnseg_infer.channels.clicks import RADIUS_VOXELS, Click, Clicks, encode, load_clicks
+from hnseg_infer.cli.main import main
 from hnseg_infer.errors import InputError, RecipeError
-from hnseg_infer.grid import Grid
-from hnseg_infer.io import Case, detect_pet_unit
-from hnseg_infer.pipeline import predict_case
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.images import Case, detect_pet_unit
+from hnseg_infer.segmenter import predict_case
+from hnseg_infer.recipe.load import load_recipe
 
 TUMOUR_XYZ_MM, TUMOUR_RADIUS_MM, TUMOUR_SUV = np.array([8.0, -4.0, 14.0]), 7.0, 10.0
 NODE_XYZ_MM, NODE_RADIUS_MM, NODE_SUV = np.array([-13.0, 9.0, 6.0]), 5.0, 4.0  # below the model's threshold

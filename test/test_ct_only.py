@@ -11,13 +11,13 @@ import SimpleITK as sitk
 
 from builders import model_entry, write_weights
 from conftest import small_case, write_gc_input
-from hnseg_infer.cli import container_main, main
+from hnseg_infer.cli.main import container_main, main
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.grid import IDENTITY, Grid
-from hnseg_infer.io import load_case
-from hnseg_infer.predict import build_input, model_grid
-from hnseg_infer.recipe import load_recipe
-from hnseg_infer.roi import locate_roi
+from hnseg_infer.geometry.grid import IDENTITY, Grid
+from hnseg_infer.io.images import load_case
+from hnseg_infer.channels.build import build_input, model_grid
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.roi.locate import locate_roi
 from test_process import OUTPUT_RELATIVE, files_under, run_process
 
 # GTVp where the windowed CT > 0.05 (the lesion's 60 HU, not the body's 40 HU), whatever the PET channel holds
@@ -201,7 +201,7 @@ def test_torch_route_writes_pet_optional_when_asked(tmp_path):
 
 
 def test_library_refuses_a_case_without_pet_for_a_pet_recipe(tmp_path, pet_weights):
-    from hnseg_infer.pipeline import predict_case
+    from hnseg_infer.segmenter import predict_case
 
     ct, _ = small_case()
     sitk.WriteImage(ct, str(tmp_path / "ct.mha"))

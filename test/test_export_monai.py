@@ -25,16 +25,16 @@ from builders import image_from_function, model_entry, signed_permutations, writ
 from conftest import REPO, ct_values, pet_values
 
 from hnseg_export import from_monai
-from hnseg_infer.engine import OnnxModel
+from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.errors import ExportError
-from hnseg_infer.grid import Grid
-from hnseg_infer.intensity import apply_ops
-from hnseg_infer.io import Case, detect_pet_unit
-from hnseg_infer.pipeline import predict_case
-from hnseg_infer.predict import build_input, load_folds, model_grid, predict_probabilities
-from hnseg_infer.recipe import load_recipe
-from hnseg_infer.roi import locate_roi
-from hnseg_infer.sliding_window import monai_gaussian_importance, monai_tile_starts_zyx, predict_sliding_window
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.io.images import Case, detect_pet_unit
+from hnseg_infer.segmenter import predict_case
+from hnseg_infer.channels.build import build_input, load_folds, model_grid, predict_probabilities
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.roi.locate import locate_roi
+from hnseg_infer.inference.sliding_window import monai_gaussian_importance, monai_tile_starts_zyx, predict_sliding_window
 
 monai = pytest.importorskip("monai")
 from monai.bundle import ConfigParser  # noqa: E402

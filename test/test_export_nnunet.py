@@ -23,11 +23,11 @@ from builders import image_from_function  # noqa: E402
 from nnunet_folders import balance_classes, preprocessed, write_results_folder  # noqa: E402
 
 from hnseg_export import from_nnunet  # noqa: E402
-from hnseg_infer.engine import OnnxModel  # noqa: E402
+from hnseg_infer.inference.onnx_engine import OnnxModel  # noqa: E402
 from hnseg_infer.errors import ExportError, HnsegError  # noqa: E402
-from hnseg_infer.pipeline import predict_files  # noqa: E402
-from hnseg_infer.recipe import load_recipe  # noqa: E402
-from hnseg_infer.sliding_window import predict_sliding_window  # noqa: E402
+from hnseg_infer.segmenter import predict_files  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
+from hnseg_infer.inference.sliding_window import predict_sliding_window  # noqa: E402
 
 # A CT with permuted, flipped axes, anisotropic voxels and an offset origin; PET on the CT grid, as nnU-Net needs.
 CT_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)

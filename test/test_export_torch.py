@@ -13,9 +13,9 @@ import torch
 
 from hnseg_export import from_torch
 from hnseg_export.snu import SNUNet
-from hnseg_infer.engine import OnnxModel
+from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.errors import ExportError
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.recipe.load import load_recipe
 
 MODULE = "hnseg_export.snu:SNUNet"
 KWARGS = {"base_features": 4, "depth": 3, "attention_features": 2, "blocks_per_level": 1}

@@ -3,7 +3,7 @@ import pytest
 import SimpleITK as sitk
 
 from builders import image_from_function, oblique_direction, signed_permutations
-from hnseg_infer.grid import IDENTITY, Box, Grid, sample
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid, sample
 
 DIRECTIONS = signed_permutations() + [oblique_direction()]
 SPACING = (0.9, 1.3, 2.7)

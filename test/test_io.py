@@ -4,8 +4,8 @@ import SimpleITK as sitk
 
 from conftest import small_case
 from hnseg_infer.errors import InputError, OutputError
-from hnseg_infer.grid import Grid
-from hnseg_infer.io import (detect_pet_unit, discover_inputs, load_case, repair_nonfinite, validate_mask,
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.images import (detect_pet_unit, discover_inputs, load_case, repair_nonfinite, validate_mask,
                             write_image_atomic)
 
 

@@ -1,4 +1,4 @@
-"""HECKTOR evaluation (hnseg_infer.metrics and `hnseg evaluate`): analytic overlaps and lesion matching, the
+"""HECKTOR evaluation (hnseg_infer.tools.metrics and `hnseg evaluate`): analytic overlaps and lesion matching, the
 aggregate computed by hand, HD95/NSD against MONAI's implementation, and the command with its errors."""
 
 import csv
@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from hnseg_infer import metrics
-from hnseg_infer.cli import main
-from hnseg_infer.metrics import aggregate, evaluate_arrays, label_metrics, match_lesions
+from hnseg_infer.tools import metrics
+from hnseg_infer.cli.main import main
+from hnseg_infer.tools.metrics import aggregate, evaluate_arrays, label_metrics, match_lesions
 
 SPACING_XYZ_MM = (0.98, 0.98, 3.0)  # a typical CT: fine in-plane, thick slices
 SPACING_ZYX_MM = SPACING_XYZ_MM[::-1]

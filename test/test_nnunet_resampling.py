@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from builders import oblique_direction
-from hnseg_infer.grid import Grid, lowres_axis, sample, sample_nnunet
+from hnseg_infer.geometry.grid import Grid, lowres_axis, sample, sample_nnunet
 
 DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # permuted and flipped axes
 

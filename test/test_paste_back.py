@@ -11,13 +11,13 @@ import SimpleITK as sitk
 
 from builders import model_entry, oblique_direction, write_weights
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case, write_gc_input
-from hnseg_infer.cli import main as hnseg_main
+from hnseg_infer.cli.main import main as hnseg_main
 from hnseg_infer.errors import InputError, RecipeError
-from hnseg_infer.grid import IDENTITY, Box, Grid
-from hnseg_infer.paste_back import (SIDECAR_SCHEMA, ModelLabels, grid_from_exact, labels_file_for, paste_nearest,
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
+from hnseg_infer.restore.paste_back import (SIDECAR_SCHEMA, ModelLabels, grid_from_exact, labels_file_for, paste_nearest,
                                     redo_paste_back)
-from hnseg_infer.pipeline import predict_case
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.segmenter import predict_case
+from hnseg_infer.recipe.load import load_recipe
 from test_pipeline import make_case
 
 PERMUTED_FLIPPED = (0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

@@ -6,9 +6,9 @@ import pytest
 import SimpleITK as sitk
 from builders import signed_permutations
 
-from hnseg_infer.cli import main
-from hnseg_infer.grid import Box, Grid
-from hnseg_infer.phantom import (
+from hnseg_infer.cli.main import main
+from hnseg_infer.geometry.grid import Box, Grid
+from hnseg_infer.tools.phantom import (
     BLADDER_CENTER_XYZ_MM,
     Ellipsoid,
     BQML_PER_SUV,

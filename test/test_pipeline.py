@@ -9,10 +9,10 @@ import SimpleITK as sitk
 
 from builders import model_entry, oblique_direction, save_linear_model, signed_permutations, write_weights
 from conftest import LESION_CENTER_XYZ_MM, small_case
-from hnseg_infer.grid import Grid
-from hnseg_infer.io import Case, detect_pet_unit
-from hnseg_infer.pipeline import predict_case
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.images import Case, detect_pet_unit
+from hnseg_infer.segmenter import predict_case
+from hnseg_infer.recipe.load import load_recipe
 
 
 def make_case(ct, pet) -> Case:
@@ -90,8 +90,8 @@ def test_heterogeneous_ensemble_softmax_and_sigmoid_models(tmp_path):
 def test_ops_before_sampling_clip_the_native_voxels_first(direction):
     """An air/body edge (−1000 | 30 HU) sampled halfway between two voxels with a clip to [−150, 250]: clipping
     first (nnU-Net's order) gives the mean of −150 and 30; sampling first gives the clip of −485."""
-    from hnseg_infer.predict import build_input
-    from hnseg_infer.recipe import ChannelSpec
+    from hnseg_infer.channels.build import build_input
+    from hnseg_infer.recipe.load import ChannelSpec
 
     ct = sitk.GetImageFromArray(np.where(np.arange(8) < 4, -1000.0, 30.0)[None, None, :].repeat(4, 0).repeat(4, 1)
                                 .astype(np.float32))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.postprocess import PostprocessConfig, postprocess
+from hnseg_infer.restore.postprocess import PostprocessConfig, postprocess
 
 ISO = (1.0, 1.0, 1.0)
 THICK_Z = (1.0, 1.0, 3.0)  # x, y, z mm: 3 mm slices

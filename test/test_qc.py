@@ -10,10 +10,10 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from builders import image_from_function, oblique_direction
-from hnseg_infer.cli import main
+from hnseg_infer.cli.main import main
 from hnseg_infer.errors import InputError
-from hnseg_infer.grid import IDENTITY, Box, Grid
-from hnseg_infer.qc import (DPI, FIGURE_SIZE_IN, MASK_COLOURS, REFERENCE_COLOURS, boxes_from_report, draw_qc,
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
+from hnseg_infer.tools.qc import (DPI, FIGURE_SIZE_IN, MASK_COLOURS, REFERENCE_COLOURS, boxes_from_report, draw_qc,
                             view_centre)
 
 CENTRE = np.array([10.0, -20.0, -150.0])  # centre of the CT field

@@ -4,7 +4,7 @@ import pytest
 
 from builders import model_entry, write_weights
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.recipe import load_recipe
+from hnseg_infer.recipe.load import load_recipe
 
 
 def edit(folder, fn):

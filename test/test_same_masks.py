@@ -20,9 +20,9 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from hnseg_infer.phantom import make_phantom  # noqa: E402
-from hnseg_infer.pipeline import predict_files  # noqa: E402
-from hnseg_infer.recipe import load_recipe  # noqa: E402
+from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
+from hnseg_infer.segmenter import predict_files  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden_masks"
 MAX_DIFFERING_FRACTION = 1e-3

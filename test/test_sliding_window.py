@@ -10,9 +10,9 @@ import pytest
 from scipy.ndimage import gaussian_filter
 from onnx_models import save_conv_model, save_voxelwise_model, voxelwise_reference
 
-from hnseg_infer.engine import OnnxModel
+from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.errors import ModelError
-from hnseg_infer.sliding_window import (gaussian_importance, monai_gaussian_importance, monai_tile_starts_zyx,
+from hnseg_infer.inference.sliding_window import (gaussian_importance, monai_gaussian_importance, monai_tile_starts_zyx,
                                         predict_sliding_window, tile_starts_zyx)
 
 SHAPE_ZYX = (37, 45, 29)  # odd sizes, none a multiple of the patches below

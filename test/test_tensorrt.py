@@ -21,9 +21,9 @@ from builders import model_entry, write_weights
 from onnx import TensorProto, helper
 from onnx_models import save_conv_model, save_voxelwise_model, voxelwise_reference
 
-import hnseg_infer.engine as engine_module
-import hnseg_infer.tensorrt as trt
-from hnseg_infer.engine import CPU, CUDA, TENSORRT, OnnxModel
+import hnseg_infer.inference.onnx_engine as engine_module
+import hnseg_infer.inference.tensorrt as trt
+from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel
 from hnseg_infer.errors import ExportError, ModelError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,7 +318,7 @@ def test_to_tensorrt_keeps_existing_engines_without_overwrite(weights, monkeypat
 
 
 def test_profile_covers_one_tile_to_the_tile_batch(tmp_path):
-    from hnseg_infer.recipe import load_recipe
+    from hnseg_infer.recipe.load import load_recipe
 
     folder = tmp_path / "w"
     save_conv_model(folder / "dynamic.onnx", n_in=2, n_out=3)

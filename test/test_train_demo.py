@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("nnunetv2")
 pytest.importorskip("monai")
 
-from hnseg_infer.recipe import load_recipe  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(2)
@@ -84,10 +84,10 @@ def test_cached_inputs_are_the_inference_inputs(quick_run):
     """The cached localiser input of a case equals build_input on the ct_top box with the exported recipe's spec."""
     import SimpleITK as sitk
 
-    from hnseg_infer.io import Case, detect_pet_unit
-    from hnseg_infer.phantom import make_phantom
-    from hnseg_infer.predict import build_input, model_grid
-    from hnseg_infer.roi import locate_roi
+    from hnseg_infer.io.images import Case, detect_pet_unit
+    from hnseg_infer.tools.phantom import make_phantom
+    from hnseg_infer.channels.build import build_input, model_grid
+    from hnseg_infer.roi.locate import locate_roi
 
     module = quick_run["module"]
     case = module.training_cases(1)[0]

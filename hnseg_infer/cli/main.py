@@ -13,13 +13,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from .clicks import load_clicks
-from .errors import HnsegError, MissingPetError, RecipeError
-from .io import discover_inputs, find_single_image, write_image_atomic
-from .pipeline import predict_files
-from .recipe import RECIPE_FILE, load_recipe
-from .report import RunReport
-from .uncertainty import UncertaintyOptions, write_maps
+from hnseg_infer.channels.clicks import load_clicks
+from hnseg_infer.errors import HnsegError, MissingPetError, RecipeError
+from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
+from hnseg_infer.segmenter import predict_files
+from hnseg_infer.recipe.load import RECIPE_FILE, load_recipe
+from hnseg_infer.report import RunReport
+from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 
 GC_OUTPUT_RELATIVE = Path("images/tumor-lymph-node-segmentation/output.mha")
 GC_MODEL_DIR = Path("/opt/ml/model")
@@ -91,7 +91,7 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
 
 
 def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
-    from .qc import boxes_from_report, draw_qc
+    from hnseg_infer.tools.qc import boxes_from_report, draw_qc
 
     report, case = prediction.report, prediction.case
     with report.stage("qc_picture"):
@@ -103,7 +103,7 @@ def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
 
 
 def _write_sidecar(prediction, sidecar: Path, *, mask_path: Path) -> None:
-    from .paste_back import write_sidecar
+    from hnseg_infer.restore.paste_back import write_sidecar
 
     with prediction.report.stage("sidecar"):
         write_sidecar(sidecar, prediction.report.data["crop"], prediction.model_labels, mask_path=mask_path)
@@ -197,7 +197,7 @@ def _evaluate(args) -> int:
     """HECKTOR metrics of --pred masks against --gt masks, paired by file name; --csv/--json get the details."""
     from tqdm import tqdm
 
-    from . import metrics
+    from hnseg_infer.tools import metrics
 
     try:
         pairs = metrics.pair_masks(args.pred, args.gt)
@@ -279,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "phantom":
-        from .phantom import hecktor_acquisition, make_phantom, write_case
+        from hnseg_infer.tools.phantom import hecktor_acquisition, make_phantom, write_case
 
         write_case(make_phantom(seed=args.seed, fov=args.fov, pet_unit=args.pet_unit,
                                 **hecktor_acquisition(args.seed)), args.out)
         print(f"hnseg phantom: wrote {args.out}/input/images/{{ct,pet}} and {args.out}/reference")
         return 0
     if args.command == "qc":
-        from .qc import draw_qc_files
+        from hnseg_infer.tools.qc import draw_qc_files
 
         try:
             centre, seconds = draw_qc_files(ct=args.ct, pet=args.pet, mask=args.mask, reference=args.reference,

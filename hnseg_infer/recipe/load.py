@@ -12,13 +12,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RecipeError
-from .grid import Box, Grid
-from .harmonise import SpectrumReference, check_fits
-from .intensity import SOURCES, validate_ops
-from .postprocess import PostprocessConfig
-from .uncertainty_config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
-from .roi import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
+from hnseg_infer.errors import RecipeError
+from hnseg_infer.geometry.grid import Box, Grid
+from hnseg_infer.channels.harmonise import SpectrumReference, check_fits
+from hnseg_infer.channels.intensity import SOURCES, validate_ops
+from hnseg_infer.restore.postprocess import PostprocessConfig
+from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
+from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -87,7 +87,7 @@ class ModelSpec:
     # "exact": the grid has spacing_xyz_mm exactly; "fit_roi": the voxel count is rounded and the spacing adjusted
     # so that the voxels fill the ROI box exactly (nnU-Net's resampling of a whole image).
     grid_spacing: str = "exact"
-    # Monte-Carlo dropout: one stochastic twin per fold (mc_dropout.py), used only by uncertainty passes.
+    # Monte-Carlo dropout: one stochastic twin per fold (inference/stochastic.py), used only by uncertainty passes.
     stochastic_files: tuple[Path, ...] = ()
     stochastic_sha256: tuple[str, ...] = ()
     # "direct": each channel interpolated once from its native image onto the model grid, probabilities linearly
@@ -114,7 +114,8 @@ class StageSpec:
     models: tuple[ModelSpec, ...]
     postprocess: PostprocessConfig
     # How the last stage's labels reach the CT grid (RESTORES): probabilities interpolated onto the CT voxels then
-    # decoded (restore.py), or SNU's labels decoded on the model grid then nearest neighbour (paste_back.py).
+    # decoded (restore/ensemble.py), or SNU's labels decoded on the model grid then nearest neighbour
+    # (restore/paste_back.py).
     restore: str = "probabilities"
 
 
@@ -127,7 +128,7 @@ class Recipe:
     # True when every model may run without PET (trained with its PET channels zero-filled, as HN-UISeg's): a case
     # without a PET image, or --ct-only, then runs in CT-only mode. False: a missing PET is an input error.
     pet_optional: bool = False
-    uncertainty: UncertaintyConfig | None = None  # the optional `uncertainty` block (uncertainty_config.py)
+    uncertainty: UncertaintyConfig | None = None  # the optional `uncertainty` block (uncertainty/config.py)
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:

@@ -1,6 +1,6 @@
 """Test-time augmentations of the uncertainty passes, each with its exact inverse.
 
-A pass draws one kind from the recipe's `augmentations` (uncertainty_config.py):
+A pass draws one kind from the recipe's `augmentations` (uncertainty/config.py):
 - noise: Gaussian noise on the image channels (CT/PET sources; not the click prompts or zero channels) with a
   standard deviation of `std` × the channel's own on the model grid. Spatially the identity: nothing to invert.
 - flip: the model-grid arrays reversed along one axis; the probabilities are reversed back (exact).
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .grid import Box, Grid, sample
-from .uncertainty_config import Augmentations
+from hnseg_infer.geometry.grid import Box, Grid, sample
+from hnseg_infer.uncertainty.config import Augmentations
 
 AXIS_NAMES = ("z", "y", "x")
 

@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Polygon
 
-from .errors import InputError, OutputError
-from .grid import IDENTITY, Box, Grid, sample, sample_labels
+from hnseg_infer.errors import InputError, OutputError
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid, sample, sample_labels
 
 LABEL_NAMES = {1: "GTVp", 2: "GTVn"}
 MASK_COLOURS = {1: "#ff2020", 2: "#2080ff"}  # solid
@@ -358,7 +358,7 @@ def draw_qc_files(*, ct: Path, pet: Path, mask: Path, reference: Path | None = N
                   out_png: Path, title: str = "") -> tuple[ViewCentre, float]:
     """`draw_qc` from files (the `hnseg qc` command); returns the view centre and the seconds it took.
     The PET unit is detected as in prediction. InputError names the file at fault and what to do."""
-    from .io import detect_pet_unit, read_image
+    from hnseg_infer.io.images import detect_pet_unit, read_image
 
     start = time.perf_counter()
     ct_image, pet_image = read_image(ct, "ct"), read_image(pet, "pet")

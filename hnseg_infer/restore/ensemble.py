@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from .grid import Grid, sample, sample_nnunet
-from .recipe import HeadSpec, ModelSpec
+from hnseg_infer.geometry.grid import Grid, sample, sample_nnunet
+from hnseg_infer.recipe.load import HeadSpec, ModelSpec
 
 LABELS = (0, 1, 2)
 

@@ -25,7 +25,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from .errors import RecipeError
+from hnseg_infer.errors import RecipeError
 
 GTVP, GTVN = 1, 2
 LABEL_NAMES = {GTVP: "GTVp", GTVN: "GTVn"}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import OnnxModel, _RUN_ERRORS
-from .errors import ModelError
+from hnseg_infer.inference.onnx_engine import OnnxModel, _RUN_ERRORS
+from hnseg_infer.errors import ModelError
 
 MODULUS = 2**31 - 1
 SITE_STRIDE = 104_729  # the 10 000th prime: separates the dropout sites' streams

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from .grid import IDENTITY, Box, Grid
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
 
 FOV_Z_RANGE_MM = {"head-only": (-300.0, 10.0), "head-neck": (-420.0, 10.0), "whole-body": (-1000.0, 10.0),
                   "no-head": (-200.0, 0.0)}

@@ -1,6 +1,6 @@
 """The recipe's `uncertainty` block (HN-UISeg): how many stochastic passes, the dropout rate, the test-time
 augmentations each pass may draw, the seed and an optional time budget. Validated strictly on load (unknown keys,
-bad values: RecipeError naming the key). Kept free of the other recipe types so that recipe.py can import it.
+bad values: RecipeError naming the key). Kept free of the other recipe types so that recipe/load.py can import it.
 
     "uncertainty": {"passes": 8, "dropout_rate": 0.05, "seed": 0,
                     "augmentations": {"noise": {"std": 0.05}, "flip": {"axes_zyx": [0, 1, 2]},
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import RecipeError
+from hnseg_infer.errors import RecipeError
 
 AUGMENTATION_PARAMS = {"noise": ("std",), "flip": ("axes_zyx",), "rotation": ("max_degrees",)}
 MAX_ROTATION_DEGREES = 5.0

@@ -23,7 +23,7 @@ from itertools import combinations, product
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .errors import ModelError
+from hnseg_infer.errors import ModelError
 
 RunBatch = Callable[[np.ndarray], np.ndarray]
 

@@ -23,8 +23,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import map_coordinates
 
-from .errors import InputError, RecipeError
-from .grid import IDENTITY, Box, Grid, sample
+from hnseg_infer.errors import InputError, RecipeError
+from hnseg_infer.geometry.grid import IDENTITY, Box, Grid, sample
 
 WORK_SPACING_XY_MM = 4.0  # the PET search grid in-plane; boxes are in mm, so nothing finer is needed
 WORK_SLICE_MM = 3.0  # the PET search grid's slice thickness (the brain-peak crop uses its own `slice_mm`)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from .clicks import PROMPT_SOURCES, Clicks
-from .clicks import encode as encode_clicks
-from .engine import OnnxModel
-from .errors import ModelError
-from .grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
-from .intensity import apply_ops
-from .io import FILL_VALUE, Case
-from .recipe import ChannelSpec, HeadSpec, ModelSpec
-from .sliding_window import predict_sliding_window
+from hnseg_infer.channels.clicks import PROMPT_SOURCES, Clicks
+from hnseg_infer.channels.clicks import encode as encode_clicks
+from hnseg_infer.inference.onnx_engine import OnnxModel
+from hnseg_infer.errors import ModelError
+from hnseg_infer.geometry.grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
+from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.io.images import FILL_VALUE, Case
+from hnseg_infer.recipe.load import ChannelSpec, HeadSpec, ModelSpec
+from hnseg_infer.inference.sliding_window import predict_sliding_window
 
 
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # grid axes towards Right, Anterior, Superior (in LPS terms)

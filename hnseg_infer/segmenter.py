@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .clicks import Clicks, check_before_run, check_landed
-from .errors import InputError, MissingPetError, RecipeError
-from .io import Case, load_case, validate_mask
-from .paste_back import ModelLabels, crop_record, decode_on_model_grid, paste_nearest
-from .postprocess import postprocess
-from .predict import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
-from .recipe import Recipe, StageSpec
-from .report import RunReport, label_volumes
-from .restore import Member, OutputSpace, paste
-from .roi import StageLabels, locate_roi
-from .uncertainty import UncertaintyMaps, UncertaintyOptions, estimate, resolve, summarise
+from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed
+from hnseg_infer.errors import InputError, MissingPetError, RecipeError
+from hnseg_infer.io.images import Case, load_case, validate_mask
+from hnseg_infer.restore.paste_back import ModelLabels, crop_record, decode_on_model_grid, paste_nearest
+from hnseg_infer.restore.postprocess import postprocess
+from hnseg_infer.channels.build import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
+from hnseg_infer.recipe.load import Recipe, StageSpec
+from hnseg_infer.report import RunReport, label_volumes
+from hnseg_infer.restore.ensemble import Member, OutputSpace, paste
+from hnseg_infer.roi.locate import StageLabels, locate_roi
+from hnseg_infer.uncertainty.passes import UncertaintyMaps, UncertaintyOptions, estimate, resolve, summarise
 
 
 @dataclass

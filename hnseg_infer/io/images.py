@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, MissingPetError, OutputError
-from .grid import Grid
+from hnseg_infer.errors import InputError, MissingPetError, OutputError
+from hnseg_infer.geometry.grid import Grid
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
 # A few non-finite voxels (scanner padding, a bad slice) are repaired; beyond this fraction the image is refused.

@@ -2,7 +2,7 @@
 voxel-wise predictive entropy on the CT grid, and the mean entropy inside each predicted lesion.
 
 Each pass draws one test-time augmentation (tta.py) and, with a dropout rate > 0, runs every fold's stochastic
-twin (mc_dropout.py) with dropout active; the pass's probabilities are brought back onto the model grid by the
+twin (inference/stochastic.py) with dropout active; the pass's probabilities are brought back onto the model grid by the
 augmentation's inverse and averaged over the passes. The mean is ensembled over the models (their recipe weights)
 on the CT voxels inside the ROI box, as the mask's probabilities are; the entropy −Σₖ p̄ₖ log p̄ₖ (natural log, over
 background, GTVp, GTVn) is computed there, in [0, log 3]. Outside the ROI: certain background (p = 1, 0, 0;
@@ -23,15 +23,15 @@ from pathlib import Path
 import cc3d
 import numpy as np
 
-from .errors import OutputError, RecipeError
-from .grid import Grid
-from .io import Case, write_image_atomic
-from .mc_dropout import load_stochastic, tile_seed
-from .predict import build_input, model_grid, predict_probabilities
-from .report import LABEL_NAMES, RunReport
-from .restore import LABELS, Member, OutputSpace
-from .uncertainty_config import UncertaintyConfig
-from . import tta
+from hnseg_infer.errors import OutputError, RecipeError
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.images import Case, write_image_atomic
+from hnseg_infer.inference.stochastic import load_stochastic, tile_seed
+from hnseg_infer.channels.build import build_input, model_grid, predict_probabilities
+from hnseg_infer.report import LABEL_NAMES, RunReport
+from hnseg_infer.restore.ensemble import LABELS, Member, OutputSpace
+from hnseg_infer.uncertainty.config import UncertaintyConfig
+from hnseg_infer.uncertainty import tta
 
 FILES = {"probabilities_gtvp.mha": ("probability", 1), "probabilities_gtvn.mha": ("probability", 2),
          "entropy.mha": ("entropy", None)}

@@ -19,8 +19,8 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArg
 from onnxruntime.capi.onnxruntime_pybind11_state import NoSuchFile, RuntimeException
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
-from .errors import ModelError
-from .tensorrt import TENSORRT, plan_engine
+from hnseg_infer.errors import ModelError
+from hnseg_infer.inference.tensorrt import TENSORRT, plan_engine
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -22,8 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from .errors import ModelError
-from .recipe import file_sha256
+from hnseg_infer.errors import ModelError
+from hnseg_infer.recipe.load import file_sha256
 
 TENSORRT = "TensorrtExecutionProvider"
 STAMP_SCHEMA = 1

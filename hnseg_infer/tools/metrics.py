@@ -23,9 +23,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .errors import InputError, OutputError
-from .grid import Grid
-from .io import read_image
+from hnseg_infer.errors import InputError, OutputError
+from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.images import read_image
 
 LABELS = {"gtvp": 1, "gtvn": 2}
 NSD_TOLERANCE_MM = 2.0

@@ -5,7 +5,7 @@ or the region thresholds) on the first model's grid, and those labels are mapped
 box by nearest neighbour, background everywhere else. This is SNU's restoration — argmax on the 1×1×3 mm crop,
 pasted into a zero canvas, nearest neighbour to the CT — without building the canvas: the CT voxels outside the
 model grid take the canvas's zeros. The default, `probabilities`, interpolates each probability channel onto the
-CT voxels and decodes there (restore.py).
+CT voxels and decodes there (ensemble.py).
 
 The crop record (`crop_record`, in the run report under "crop", and written with `write_sidecar` as a JSON file
 beside the mask) holds, in full float precision, everything needed to redo the paste-back: the CT and PET grids,
@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputError
-from .grid import Grid, sample_labels
-from .io import Case
-from .postprocess import PostprocessConfig, postprocess
-from .recipe import ModelSpec, StageSpec
-from .restore import Member, OutputSpace
+from hnseg_infer.errors import InputError, OutputError
+from hnseg_infer.geometry.grid import Grid, sample_labels
+from hnseg_infer.io.images import Case
+from hnseg_infer.restore.postprocess import PostprocessConfig, postprocess
+from hnseg_infer.recipe.load import ModelSpec, StageSpec
+from hnseg_infer.restore.ensemble import Member, OutputSpace
 
 SIDECAR_SCHEMA = "hnseg.crop_sidecar/1"
 LABELS_KEY = "labels_zyx"

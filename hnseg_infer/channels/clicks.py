@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, RecipeError
-from .grid import Grid
+from hnseg_infer.errors import InputError, RecipeError
+from hnseg_infer.geometry.grid import Grid
 
 PROMPT_SOURCES = {"clicks_gtvp": "GTVp", "clicks_gtvn": "GTVn"}
 LABELS = ("GTVp", "GTVn")

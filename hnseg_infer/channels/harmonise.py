@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from scipy.fft import dctn, idctn
 
-from .errors import RecipeError
+from hnseg_infer.errors import RecipeError
 
 REFERENCE_FILE = "reference_ct_dct.npz"
 DEFAULT_RADIUS = 3
@@ -118,7 +118,7 @@ def harmonise(x_zyx: np.ndarray, *, reference: SpectrumReference, radius: int = 
 
 def load_reference(path: Path, *, radius: int, where: str) -> SpectrumReference:
     """Read and check a reference file; RecipeError naming the file and the fix for anything wrong."""
-    from .recipe import file_sha256  # recipe imports this module's users; a late import keeps them acyclic
+    from hnseg_infer.recipe.load import file_sha256  # recipe imports this module's users; a late import keeps them acyclic
 
     path = Path(path)
     fix = "recompute it with export/make_harmonisation_reference.py"

@@ -1,0 +1,2 @@
+"""The command line (`hnseg ...`, main.py) and the grand-challenge entry (process.py → main.container_main): thin
+adapters over the Segmenter."""

@@ -1,0 +1,1 @@
+"""The recipe (recipe.json beside the weights): its typed, frozen form and its strict loading (load.py)."""
