@@ -66,10 +66,10 @@ def route_nnunet(results: Path, weights: Path, case: list[Path], out: Path) -> P
 
 
 def route_hnseg(results: Path, weights: Path, case: list[Path], out: Path) -> Path:
-    from hnseg_infer.segmenter import predict_files
     from hnseg_infer.recipe.load import load_recipe
+    from hnseg_infer.segmenter import Segmenter
 
-    mask = predict_files(case[0], case[1], load_recipe(weights), device="cpu").mask
+    mask = Segmenter(load_recipe(weights), device="cpu").predict(case[0], case[1]).mask
     out.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(mask, str(out / "case.mha"), useCompression=True)
     return out / "case.mha"

@@ -27,8 +27,8 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hnseg_infer.geometry.grid import Grid, sample  # noqa: E402
 from hnseg_infer.io.images import FILL_VALUE, load_case  # noqa: E402
-from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
 from hnseg_infer.roi.locate import locate_roi  # noqa: E402
+from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
 
 MODEL_SPACING_XYZ_MM = (1.0, 1.0, 1.0)
 ROI = ("pet_threshold_head_neck_box", {})

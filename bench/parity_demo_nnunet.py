@@ -28,13 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_WORK = Path("/tmp/hnseg-train")  # export/train_demo.py --work: the native models weights/demo came from
 sys.path.insert(0, str(ROOT))
-from hnseg_infer.geometry.grid import Box, Grid  # noqa: E402
+from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
 from hnseg_infer.channels.intensity import apply_ops  # noqa: E402
+from hnseg_infer.geometry.grid import Box, Grid  # noqa: E402
+from hnseg_infer.inference.runner import LoadedModel  # noqa: E402
 from hnseg_infer.io.images import discover_inputs, load_case  # noqa: E402
-from hnseg_infer.tools.metrics import dice  # noqa: E402
-from hnseg_infer.channels.build import build_input, load_folds, model_grid, predict_probabilities  # noqa: E402
 from hnseg_infer.recipe.load import load_recipe  # noqa: E402
-from hnseg_infer.restore.ensemble import Member, OutputSpace  # noqa: E402
+from hnseg_infer.restore.ensemble import Ensemble  # noqa: E402
+from hnseg_infer.tools.metrics import dice  # noqa: E402
 
 
 def fine_roi(report: dict) -> Box:
@@ -42,11 +43,10 @@ def fine_roi(report: dict) -> Box:
     return Box.from_dict(stage["roi"]["box"])
 
 
-def hnseg_labels(spec, folds, grid: Grid, image_czyx: np.ndarray, target: Grid) -> np.ndarray:
+def hnseg_labels(model: LoadedModel, grid: Grid, image_czyx: np.ndarray, target: Grid) -> np.ndarray:
     """Our labels from the model-grid input, restored onto `target` (the CT voxels of the region, or the model grid)."""
-    probabilities = predict_probabilities(spec, folds, image_czyx)
-    space = OutputSpace.for_models((spec,))
-    return space.decode_ensemble([Member(1.0, space.from_head(probabilities, spec.head), grid, spec.resampling)], target)
+    ensemble = Ensemble.for_models((model.spec,))
+    return ensemble.decode([ensemble.member(model.spec, model.probabilities(image_czyx), grid)], target)
 
 
 def native_channels(case, spec, region: Grid, pet_to_ct: str) -> np.ndarray:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
-    folds = load_folds(spec, device="cpu")
+    model = LoadedModel.load(spec, device="cpu")
     predictor = make_predictor(args.results)
     predictor.use_mirroring = bool(spec.mirror_axes_zyx)
     pet_to_ct = args.pet_to_ct or spec.pet_to_ct
@@ -108,10 +108,10 @@ def main(argv=None) -> int:
         grid = model_grid(spec, region.box(), case.ct_grid)
         image_czyx = build_input(case, grid, spec)
         if args.level == "model":  # the same input; on the model grid nnU-Net's resampling is the identity
-            ours = hnseg_labels(spec, folds, grid, image_czyx, grid)
+            ours = hnseg_labels(model, grid, image_czyx, grid)
             theirs = nnunet_labels(predictor, image_czyx, grid.spacing_xyz_mm)
         else:
-            ours = hnseg_labels(spec, folds, grid, image_czyx, region)
+            ours = hnseg_labels(model, grid, image_czyx, region)
             native = native_channels(case, spec, region, pet_to_ct)
             theirs = nnunet_labels(predictor, native, region.spacing_xyz_mm)
         row = [name]

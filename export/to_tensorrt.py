@@ -32,7 +32,8 @@ from scipy.ndimage import zoom
 
 from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
 from hnseg_infer.errors import ExportError, HnsegError
-from hnseg_infer.recipe.load import ModelSpec, file_sha256, load_recipe
+from hnseg_infer.io.atomic import file_sha256
+from hnseg_infer.recipe.load import ModelSpec, load_recipe
 from hnseg_infer.inference.tensorrt import CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir, probe_platform
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"

@@ -36,10 +36,17 @@ from pathlib import Path
 import torch
 
 from hnseg_infer.errors import ExportError
-from hnseg_infer.recipe.load import file_sha256
+from hnseg_infer.io.atomic import file_sha256
 
-from .onnx_export import (SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
-                          staged_weights, write_recipe)
+from .onnx_export import (
+    SHOWN,
+    check_roi_and_postprocess,
+    export_folds,
+    json_object,
+    load_strictly,
+    staged_weights,
+    write_recipe,
+)
 
 NETWORK_CLASSES = ("monai.networks.nets.segresnet_ds.SegResNetDS", "monai.networks.nets.segresnet.SegResNet")
 INFERER_CLASSES = ("monai.inferers.inferer.SlidingWindowInferer", "monai.inferers.inferer.SlidingWindowInfererAdapt")

@@ -22,9 +22,9 @@ import json
 import pickle
 from pathlib import Path
 
-from hnseg_infer.errors import ExportError
 from hnseg_infer.channels.intensity import validate_ops
-from hnseg_infer.recipe.load import file_sha256
+from hnseg_infer.errors import ExportError
+from hnseg_infer.io.atomic import file_sha256
 
 from .onnx_export import check_roi_and_postprocess, export_folds, json_object, staged_weights, write_recipe
 

@@ -24,11 +24,22 @@ import onnx
 import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
-from hnseg_infer.recipe.load import RESTORES, ModelSpec, file_sha256
+from hnseg_infer.io.atomic import file_sha256
+from hnseg_infer.recipe.load import RESTORES, ModelSpec
 from hnseg_infer.recipe.load import parse_model as validate_model_entry
 
-from .onnx_export import (OUTPUT_NAME, SHOWN, check_roi_and_postprocess, export_folds, json_object, load_strictly,
-                          proof_input, run_onnx, staged_weights, write_recipe)
+from .onnx_export import (
+    OUTPUT_NAME,
+    SHOWN,
+    check_roi_and_postprocess,
+    export_folds,
+    json_object,
+    load_strictly,
+    proof_input,
+    run_onnx,
+    staged_weights,
+    write_recipe,
+)
 from .stochastic import add_stochastic_twins, uncertainty_block
 
 CONTAINER_KEYS = ("state_dict", "model", "network_weights")  # Lightning/our trainers, common scripts, nnU-Net

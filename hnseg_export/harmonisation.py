@@ -14,16 +14,15 @@ restored as they were.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from hnseg_infer.channels.build import model_grid
+from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, REFERENCE_FILE, low_frequency_block, save_reference
 from hnseg_infer.errors import ExportError, HnsegError
 from hnseg_infer.geometry.grid import Box, Grid, sample
-from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, REFERENCE_FILE, low_frequency_block, save_reference
+from hnseg_infer.io.atomic import file_sha256, write_atomic
 from hnseg_infer.io.images import FILL_VALUE, load_case
-from hnseg_infer.channels.build import model_grid
-from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, file_sha256, load_recipe
+from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, load_recipe
 from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, locate_roi
 
 
@@ -140,11 +139,4 @@ def _raw_model(raw: dict, stage: StageSpec, spec: ModelSpec) -> dict:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

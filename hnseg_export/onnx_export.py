@@ -14,12 +14,16 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from hnseg_infer.inference.agreement import (MIN_AGREEMENT_FP16, MIN_AGREEMENT_FP32, TOLERANCE_FP16, TOLERANCE_FP32,
-                                    compare_logits)
-from hnseg_infer.errors import ExportError, HnsegError
-from hnseg_infer.errors import RecipeError
-from hnseg_infer.restore.postprocess import PostprocessConfig
+from hnseg_infer.errors import ExportError, HnsegError, RecipeError
+from hnseg_infer.inference.agreement import (
+    MIN_AGREEMENT_FP16,
+    MIN_AGREEMENT_FP32,
+    TOLERANCE_FP16,
+    TOLERANCE_FP32,
+    compare_logits,
+)
 from hnseg_infer.recipe.load import RECIPE_FILE, SCHEMA_VERSION, load_recipe
+from hnseg_infer.restore.postprocess import PostprocessConfig
 from hnseg_infer.roi.locate import check_params
 
 SHOWN = 5  # keys listed in an error message

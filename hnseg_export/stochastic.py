@@ -17,8 +17,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP32, TOLERANCE_FP32, compare_logits
 from hnseg_infer.errors import ExportError
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP32, TOLERANCE_FP32, compare_logits
 from hnseg_infer.inference.stochastic import MODULUS, RATE_INPUT, ROUNDS, SEED_INPUT, SITE_STRIDE
 
 from .onnx_export import INPUT_NAME, OPSET, OUTPUT_NAME, FirstOutput, proof_input, stamp

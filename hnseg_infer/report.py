@@ -15,8 +15,8 @@ import onnxruntime
 import SimpleITK as sitk
 
 from hnseg_infer._version import __version__
-
-LABEL_NAMES = {1: "GTVp", 2: "GTVn"}
+from hnseg_infer.io.atomic import write_bytes_atomic
+from hnseg_infer.labels import LABEL_NAMES
 
 
 def versions() -> dict:
@@ -54,7 +54,11 @@ class RunReport:
         try:
             yield
         finally:
-            self.data["stages_s"][name] = round(self.data["stages_s"].get(name, 0.0) + time.perf_counter() - start, 3)
+            self.add_stage_time(name, time.perf_counter() - start)
+
+    def add_stage_time(self, name: str, seconds: float) -> None:
+        """A stage timed elsewhere (the models, loaded once before the cases that use them)."""
+        self.data["stages_s"][name] = round(self.data["stages_s"].get(name, 0.0) + seconds, 3)
 
     def stage_record(self, name: str) -> dict:
         """The report's entry for one recipe stage (ROI, models, labels), made on first use, in stage order."""
@@ -82,12 +86,13 @@ class RunReport:
         self.data["peak_memory_mib"] = peak_memory_mib()
         return self.data
 
+    def update(self, key: str, **fields) -> None:
+        """More fields for an entry already set (e.g. the files an adapter wrote for it)."""
+        self.data[key].update(fields)
+
     def write(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(path)
+        write_bytes_atomic(path, json.dumps(self.data, indent=2, default=str).encode(),
+                           hint="pass a --report path in a writable folder")
 
     def summary_line(self) -> str:
         d = self.data

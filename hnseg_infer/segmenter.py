@@ -1,191 +1,257 @@
-"""The library API: one PET/CT case in, a validated mask on the exact CT grid out, with its run report.
+"""The library API: models loaded once, then one PET/CT case after another into a mask on the exact CT grid.
 
-read → validate → per stage of the recipe: locate its ROI (from the images, or from the labels of the stage before)
-→ per model: grid, channels, sliding window, folds → ensemble. The last stage's ensemble is decoded on the CT voxels
-inside its ROI (one output channel at a time) → post-process → paste into the CT grid → validate.
+    seg = Segmenter.from_weights("weights/demo", device="cpu")   # recipe validated, every session created here
+    prediction = seg.predict(ct="ct.mha", pet="pet.mha")          # reads, validates and runs; no new session
+    prediction.mask                                               # SimpleITK uint8 image on the CT grid
+
+The flow of `predict`: read → validate → per stage of the recipe: locate its ROI (from the images, or from the
+labels of the stage before) → per model: grid, channels, sliding window, folds → ensemble. The last stage's
+ensemble is restored onto the CT voxels inside its ROI (the restore strategy the recipe chose) → post-process →
+uncertainty maps (when asked for) → paste into the CT grid → validate.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed
+from hnseg_infer.channels.build import build_input, harmonisation_notes, model_grid
+from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed, load_clicks
 from hnseg_infer.errors import InputError, MissingPetError, RecipeError
+from hnseg_infer.geometry.grid import Box
+from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
-from hnseg_infer.restore.paste_back import ModelLabels, crop_record, decode_on_model_grid, paste_nearest
-from hnseg_infer.restore.postprocess import postprocess
-from hnseg_infer.channels.build import build_input, harmonisation_notes, load_folds, model_grid, predict_probabilities
-from hnseg_infer.recipe.load import Recipe, StageSpec
+from hnseg_infer.io.sidecar import crop_record
+from hnseg_infer.recipe.load import Recipe, StageSpec, load_recipe, resolve_weights
 from hnseg_infer.report import RunReport, label_volumes
-from hnseg_infer.restore.ensemble import Member, OutputSpace, paste
-from hnseg_infer.roi.locate import StageLabels, locate_roi
+from hnseg_infer.restore.ensemble import Ensemble, Member, paste
+from hnseg_infer.restore.paste_back import ModelLabels
+from hnseg_infer.restore.postprocess import postprocess
+from hnseg_infer.restore.to_ct import Restorer, restorer_for
+from hnseg_infer.roi.locate import RoiResult, StageLabels, locate_roi
 from hnseg_infer.uncertainty.passes import UncertaintyMaps, UncertaintyOptions, estimate, resolve, summarise
 
+ImageOrPath = str | Path | sitk.Image
 
-@dataclass
+
+@dataclass(frozen=True)
+class StageRoi:
+    """Where one stage of the recipe ran: its name and the ROI its method found."""
+
+    stage: str
+    roi: RoiResult
+
+
+@dataclass(frozen=True)
 class Prediction:
+    """One case's result. `mask`: uint8 labels (0, 1 GTVp, 2 GTVn) on exactly the CT grid; `report`: the finished
+    run report; `rois`: each stage's ROI, in order; `crop`: the crop/paste-back provenance (io/sidecar.py);
+    `uncertainty`: the maps when asked for; `case`: the validated inputs (for pictures drawn afterwards);
+    `model_labels`: with restore paste_nearest, the labels on the model grid (for the sidecar)."""
+
     mask: sitk.Image
     report: RunReport
-    case: Case  # the inputs, for pictures drawn afterwards
-    model_labels: ModelLabels | None = None  # restore paste_nearest: the labels on the model grid (for the sidecar)
-    uncertainty: UncertaintyMaps | None = None  # when asked for: mean probabilities and entropy in the ROI
+    rois: tuple[StageRoi, ...]
+    crop: dict
+    case: Case
+    uncertainty: UncertaintyMaps | None = None
+    model_labels: ModelLabels | None = None
+
+    def roi_boxes(self) -> list[tuple[str, Box]]:
+        """(name, box) per ROI, named as the QC picture shows them: the stage names of a cascade, else the method."""
+        if len(self.rois) == 1:
+            return [(f"roi ({self.rois[0].roi.method})", self.rois[0].roi.box)]
+        return [(r.stage, r.roi.box) for r in self.rois]
 
 
-def predict_case(case: Case, recipe: Recipe, *, device: str = "auto", report: RunReport | None = None,
-                 ct_only_reason: str | None = None, clicks: Clicks | None = None,
-                 uncertainty: UncertaintyOptions | None = None) -> Prediction:
-    """Run the recipe on a validated case. Raises HnsegError subclasses on bad input, recipe or model.
-    A case without PET runs in CT-only mode (the recipe must allow it); `ct_only_reason` says why, for the report."""
-    report = report or RunReport()
-    if case.ct_only and not recipe.pet_optional:
-        raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
-                          f"true) but case {case.ct_path} has none: give its PET image")
-    config = resolve(recipe, uncertainty) if uncertainty is not None else None  # clicks, uncertainty: refused early
-    if clicks is not None:
-        report.set("clicks", check_before_run(clicks, recipe, ct_grid=case.ct_grid, ct_path=case.ct_path))
-    _record_inputs(case, recipe, report, ct_only_reason)
-    folds = _load_models(recipe, device, report)
+class Segmenter:
+    """A recipe with its models loaded: `predict` runs it on one case after another without reloading anything."""
 
-    previous = None
-    for index, stage in enumerate(recipe.stages):
-        prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
-        roi = _locate(case, stage, previous, report, prefix)
-        members = _run_models(case, stage, folds, roi.box, report, prefix, clicks=clicks)
-        if index < len(recipe.stages) - 1:
-            previous = _stage_labels(stage, members, roi.box, report, prefix)
-            del members
-    if clicks is not None:
-        check_landed(clicks)
+    def __init__(self, recipe: Recipe, *, device: str = "auto"):
+        """Create every model's sessions (validated against the recipe) and choose each stage's ensembling and the
+        last stage's restore strategy, once."""
+        start = time.perf_counter()
+        self.recipe, self.device = recipe, device
+        self.models = {spec.name: LoadedModel.load(spec, device=device) for spec in recipe.models}
+        self.load_s = time.perf_counter() - start
+        self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
+        self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
+        self._load_reported = False
 
-    labels_zyx, roi_grid, roi_slices_zyx, model_labels = _restore_to_ct(case, stage, roi, members, report)
-    del members
-    with report.stage("postprocess"):
-        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm,
-                                              config=stage.postprocess)
-    report.set("postprocess", post_record)
-    maps = None
-    if config is not None:
-        with report.stage("uncertainty"):
-            maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid, roi_slices_zyx=roi_slices_zyx,
-                            folds=folds, device=device, report=report, clicks=clicks)
-        report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
-    mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
-    validate_mask(mask, case.ct_grid)
-    report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
-    return Prediction(mask, report, case, model_labels, maps)
+    @classmethod
+    def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
+        """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
+        return cls(load_recipe(resolve_weights(Path(weights))), device=device)
+
+    @property
+    def provider(self) -> str:
+        return next(iter(self.models.values())).folds[0].provider
+
+    def predict(self, ct: ImageOrPath, pet: ImageOrPath | None = None, *, clicks: Clicks | str | Path | None = None,
+                uncertainty: UncertaintyOptions | bool | None = None, ct_only: bool = False,
+                pet_missing: MissingPetError | None = None, report: RunReport | None = None) -> Prediction:
+        """Read, validate and predict one case (paths or SimpleITK images). CT-only mode when asked for (`ct_only`;
+        a PET given is not read) or when there is no PET (`pet_missing` says where none was found); either needs
+        a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
+        `report`: collect into this report (a caller that writes it after a failure passes its own).
+        Raises HnsegError subclasses on bad input, recipe or model."""
+        report = report if report is not None else RunReport()
+        reason = ct_only_reason(self.recipe, pet_given=pet is not None, pet_label=_label(pet), ct_only=ct_only,
+                                pet_missing=pet_missing)
+        if isinstance(clicks, (str, Path)):
+            clicks = load_clicks(Path(clicks))
+        with report.stage("read_and_validate"):
+            case = load_case(ct, None if reason else pet)
+        return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason)
+
+    def predict_case(self, case: Case, *, clicks: Clicks | None = None,
+                     uncertainty: UncertaintyOptions | bool | None = None, report: RunReport | None = None,
+                     ct_only_reason: str | None = None) -> Prediction:
+        """Run the recipe on a case already read and validated (`load_case`)."""
+        recipe = self.recipe
+        report = report if report is not None else RunReport()
+        if case.ct_only and not recipe.pet_optional:
+            raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
+                              f"true) but case {case.ct_path} has none: give its PET image")
+        config = _uncertainty_config(recipe, uncertainty)  # clicks, uncertainty: refused before anything runs
+        if clicks is not None:
+            report.set("clicks", check_before_run(clicks, recipe, ct_grid=case.ct_grid, ct_path=case.ct_path))
+        self._record(case, report, ct_only_reason)
+
+        previous, rois = None, []
+        for index, stage in enumerate(recipe.stages):
+            prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
+            roi = self._locate(case, stage, previous, report, prefix)
+            rois.append(StageRoi(stage.name, roi))
+            members = self._run_models(case, stage, roi.box, report, prefix, clicks=clicks)
+            if index < len(recipe.stages) - 1:
+                previous = self._stage_labels(stage, members, roi.box, report, prefix)
+                del members
+        if clicks is not None:
+            check_landed(clicks)
+
+        labels_zyx, roi_grid, roi_slices_zyx, model_labels, crop = self._restore(case, stage, roi, members, report)
+        del members
+        with report.stage("postprocess"):
+            labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm,
+                                                  config=stage.postprocess)
+        report.set("postprocess", post_record)
+        maps = None
+        if config is not None:
+            with report.stage("uncertainty"):
+                maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid,
+                                roi_slices_zyx=roi_slices_zyx, models=self.models,
+                                ensemble=self.ensembles[stage.name], report=report, clicks=clicks)
+            report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+        mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
+        validate_mask(mask, case.ct_grid)
+        report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+        report.finish("ok")
+        return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
+
+    # ------------------------------------------------------------------------------------------------ the stages
+
+    def _record(self, case: Case, report: RunReport, ct_only_reason: str | None) -> None:
+        """The inputs, the recipe and the models' provider into the report (with the load time on first use)."""
+        report.set("ct_only", case.ct_only)
+        report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": case.ct_grid.to_dict()},
+                              "pet": None if case.ct_only else {"path": str(case.pet_path),
+                                                                "grid": case.pet_grid.to_dict()},
+                              "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
+        report.set("recipe", self.recipe.to_dict())
+        if case.ct_only:
+            report.warn(f"CT-only mode ({ct_only_reason or 'no PET image'}): every PET channel is zero-filled and "
+                        f"ROI methods that need PET use a box at the top of the CT")
+        for warning in case.warnings:
+            report.warn(warning)
+        if not self._load_reported:  # the models were loaded once, for this and every later case
+            report.add_stage_time("load_models", self.load_s)
+            self._load_reported = True
+        report.set("provider", self.provider)
+        for line in dict.fromkeys(line for model in self.models.values() for line in model.fallbacks):
+            report.fallback(line)
+
+    def _locate(self, case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport,
+                prefix: str) -> RoiResult:
+        with report.stage(f"{prefix}locate_roi"):
+            roi = locate_roi(stage.roi.method, ct=case.ct, pet=case.pet, previous=previous,
+                             suv_per_stored_value=case.suv_per_stored_value, params=stage.roi.params)
+        record = roi_record(roi)
+        report.stage_record(stage.name)["roi"] = record
+        report.set("roi", record)  # the last stage's: the box the mask comes from
+        for warning in roi.warnings:
+            report.warn(warning)
+        return roi
+
+    def _run_models(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
+                    clicks: Clicks | None) -> list[Member]:
+        """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
+        ensemble = self.ensembles[stage.name]
+        members, records = [], []
+        for spec in stage.models:
+            grid = model_grid(spec, roi_box, case.ct_grid)
+            for note in harmonisation_notes(spec, grid):
+                report.warn(f"{prefix}{spec.name}: {note}")
+            with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
+                image_czyx = build_input(case, grid, spec, clicks=clicks)
+            with report.stage(f"{prefix}{spec.name}: sliding_window"):
+                probabilities = self.models[spec.name].probabilities(image_czyx)
+            del image_czyx
+            members.append(ensemble.member(spec, probabilities, grid))
+            records.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
+                            "patch_size_zyx": list(spec.patch_size_zyx),
+                            "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
+        report.stage_record(stage.name)["models"] = records
+        return members
+
+    def _stage_labels(self, stage: StageSpec, members: list[Member], roi_box: Box, report: RunReport,
+                      prefix: str) -> StageLabels:
+        """An earlier stage's labels, decoded on its first model's grid (the next ROI needs nothing finer)."""
+        grid = members[0].grid
+        with report.stage(f"{prefix}decode"):
+            labels_zyx = self.ensembles[stage.name].decode(members, grid)
+            labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm,
+                                                  config=stage.postprocess)
+        record = report.stage_record(stage.name)
+        record["postprocess"] = post_record
+        record["labels"] = label_volumes(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm)
+        return StageLabels(stage.name, labels_zyx, grid, roi_box)
+
+    def _restore(self, case: Case, stage: StageSpec, roi: RoiResult, members: list[Member], report: RunReport):
+        """The last stage's ensemble as labels on the CT voxels inside its ROI: (labels zyx, that CT crop's grid, its
+        slices in the CT, the model-grid labels of a paste_nearest restore, the crop record)."""
+        cropped = case.ct_grid.crop_to(roi.box)
+        if cropped is None:
+            raise InputError(f"the ROI found by {roi.method!r} ({roi.box.to_dict()}) holds no voxel of CT "
+                             f"{case.ct_path}: check the CT's origin and direction")
+        roi_grid, roi_slices_zyx = cropped
+        report.set("roi_grid", roi_grid.to_dict())
+        with report.stage("restore_to_ct_and_decode"):
+            labels_zyx, model_labels = self.restorer.to_ct(members, roi_grid)
+        crop = crop_record(case=case, stage=stage, roi=roi_record(roi), model_grids=[m.grid for m in members],
+                           paste_grid=roi_grid, paste_slices_zyx=roi_slices_zyx, labels=model_labels)
+        report.set("crop", crop)
+        return labels_zyx, roi_grid, roi_slices_zyx, model_labels, crop
 
 
-def _record_inputs(case: Case, recipe: Recipe, report: RunReport, ct_only_reason: str | None) -> None:
-    report.set("ct_only", case.ct_only)
-    report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": case.ct_grid.to_dict()},
-                          "pet": None if case.ct_only else {"path": str(case.pet_path), "grid": case.pet_grid.to_dict()},
-                          "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
-    report.set("recipe", recipe.to_dict())
-    if case.ct_only:
-        report.warn(f"CT-only mode ({ct_only_reason or 'no PET image'}): every PET channel is zero-filled and "
-                    f"ROI methods that need PET use a box at the top of the CT")
-    for warning in case.warnings:
-        report.warn(warning)
+def roi_record(roi: RoiResult) -> dict:
+    return {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(), "record": roi.record}
 
 
-def _load_models(recipe: Recipe, device: str, report: RunReport) -> dict:
-    """Every model's folds, by model name; the provider and any provider fallbacks go into the report."""
-    with report.stage("load_models"):
-        folds = {spec.name: load_folds(spec, device=device) for spec in recipe.models}
-    report.set("provider", next(iter(folds.values()))[0].provider)
-    for fallback in {line for models in folds.values() for m in models for line in m.fallbacks}:
-        report.fallback(fallback)
-    return folds
+def _label(image: ImageOrPath | None) -> str | None:
+    return None if image is None or isinstance(image, sitk.Image) else str(image)
 
 
-def _restore_to_ct(case: Case, stage: StageSpec, roi, members: list[Member], report: RunReport):
-    """The last stage's ensemble as labels on the CT voxels inside its ROI: (labels zyx, that CT crop's grid, its
-    slices in the CT, the model-grid labels when the stage restores by `paste_nearest`)."""
-    cropped = case.ct_grid.crop_to(roi.box)
-    if cropped is None:
-        raise InputError(f"the ROI found by {roi.method!r} ({roi.box.to_dict()}) holds no voxel of CT "
-                         f"{case.ct_path}: check the CT's origin and direction")
-    roi_grid, roi_slices_zyx = cropped
-    report.set("roi_grid", roi_grid.to_dict())
-    model_labels = None
-    with report.stage("restore_to_ct_and_decode"):
-        if stage.restore == "paste_nearest":  # SNU: decoded on the model grid, then nearest neighbour (paste_back)
-            model_labels = decode_on_model_grid(members, stage.models)
-            labels_zyx = paste_nearest(model_labels, roi_grid)
-        else:
-            labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, roi_grid)
-    report.set("crop", crop_record(case=case, stage=stage, roi=report.data["roi"],
-                                   model_grids=[m.grid for m in members], paste_grid=roi_grid,
-                                   paste_slices_zyx=roi_slices_zyx, labels=model_labels))
-    return labels_zyx, roi_grid, roi_slices_zyx, model_labels
+def _uncertainty_config(recipe: Recipe, uncertainty: UncertaintyOptions | bool | None):
+    if uncertainty is None or uncertainty is False:
+        return None
+    return resolve(recipe, UncertaintyOptions() if uncertainty is True else uncertainty)
 
 
-def _locate(case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport, prefix: str):
-    with report.stage(f"{prefix}locate_roi"):
-        roi = locate_roi(stage.roi.method, ct=case.ct, pet=case.pet, previous=previous,
-                         suv_per_stored_value=case.suv_per_stored_value, params=stage.roi.params)
-    record = {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(), "record": roi.record}
-    report.stage_record(stage.name)["roi"] = record
-    report.set("roi", record)  # the last stage's: the box the mask comes from
-    for warning in roi.warnings:
-        report.warn(warning)
-    return roi
-
-
-def _stage_labels(stage: StageSpec, members: list[Member], roi_box, report: RunReport, prefix: str) -> StageLabels:
-    """An earlier stage's labels, decoded on its first model's grid (the next ROI needs nothing finer)."""
-    grid = members[0].grid
-    with report.stage(f"{prefix}decode"):
-        labels_zyx = OutputSpace.for_models(stage.models).decode_ensemble(members, grid)
-        labels_zyx, post_record = postprocess(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm,
-                                              config=stage.postprocess)
-    record = report.stage_record(stage.name)
-    record["postprocess"] = post_record
-    record["labels"] = label_volumes(labels_zyx, spacing_xyz_mm=grid.spacing_xyz_mm)
-    return StageLabels(stage.name, labels_zyx, grid, roi_box)
-
-
-def _run_models(case: Case, stage: StageSpec, folds: dict, roi_box, report: RunReport, prefix: str, *,
-                clicks: Clicks | None = None) -> list[Member]:
-    """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
-    space = OutputSpace.for_models(stage.models)
-    members, records = [], []
-    for spec in stage.models:
-        grid = model_grid(spec, roi_box, case.ct_grid)
-        for note in harmonisation_notes(spec, grid):
-            report.warn(f"{prefix}{spec.name}: {note}")
-        with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
-            image_czyx = build_input(case, grid, spec, clicks=clicks)
-        with report.stage(f"{prefix}{spec.name}: sliding_window"):
-            probabilities = predict_probabilities(spec, folds[spec.name], image_czyx)
-        del image_czyx
-        members.append(Member(spec.weight, space.from_head(probabilities, spec.head), grid, spec.resampling))
-        records.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
-                        "patch_size_zyx": list(spec.patch_size_zyx), "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
-    report.stage_record(stage.name)["models"] = records
-    return members
-
-
-def predict_files(ct_path: Path, pet_path: Path | None, recipe: Recipe, *, device: str = "auto",
-                  report: RunReport | None = None, ct_only: bool = False,
-                  pet_missing: MissingPetError | None = None, clicks: Clicks | None = None,
-                  uncertainty: UncertaintyOptions | None = None) -> Prediction:
-    """Read, validate and predict one case. CT-only mode when the user asks for it (`ct_only`; a PET given is not
-    read) or when there is no PET (`pet_path` None; `pet_missing` says where none was found); either needs a
-    recipe with "pet_optional": true, else a RecipeError or the missing-PET InputError, before anything is read."""
-    report = report or RunReport()
-    reason = ct_only_reason(recipe, pet_path=pet_path, ct_only=ct_only, pet_missing=pet_missing)
-    with report.stage("read_and_validate"):
-        case = load_case(ct_path, None if reason else pet_path)
-    return predict_case(case, recipe, device=device, report=report, ct_only_reason=reason, clicks=clicks,
-                        uncertainty=uncertainty)
-
-
-def ct_only_reason(recipe: Recipe, *, pet_path: Path | None, ct_only: bool,
+def ct_only_reason(recipe: Recipe, *, pet_given: bool, pet_label: str | None = None, ct_only: bool,
                    pet_missing: MissingPetError | None = None) -> str | None:
     """Why the case runs CT-only (None: it runs on PET/CT); an error when the recipe does not allow it."""
     if ct_only:
@@ -193,8 +259,8 @@ def ct_only_reason(recipe: Recipe, *, pet_path: Path | None, ct_only: bool,
             raise RecipeError(f"--ct-only: recipe {recipe.name!r} ({recipe.path}) does not allow CT-only mode (its "
                               f"models need PET; it does not set \"pet_optional\": true): drop --ct-only and give the "
                               f"PET, or use weights trained for CT-only input")
-        return "asked for with --ct-only" + (f"; PET {pet_path} not read" if pet_path is not None else "")
-    if pet_path is not None:
+        return "asked for with --ct-only" + (f"; PET {pet_label} not read" if pet_label is not None else "")
+    if pet_given:
         return None
     if not recipe.pet_optional:
         needs = f"recipe {recipe.name!r} needs PET: it does not allow CT-only input (no \"pet_optional\": true)"

@@ -13,17 +13,17 @@ import onnx
 import pytest
 import SimpleITK as sitk
 import torch
-
 from conftest import REPO
-from hnseg_infer.cli.main import container_main
-from hnseg_infer.geometry.grid import Grid, sample
+
+from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.channels.harmonise import swap_low_frequencies
 from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.cli.main import container_main
+from hnseg_infer.geometry.grid import Grid, sample
 from hnseg_infer.io.images import load_case
-from hnseg_infer.tools.phantom import make_phantom, write_case
-from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.roi.locate import locate_roi
+from hnseg_infer.tools.phantom import make_phantom, write_case
 
 sys.path.insert(0, str(REPO / "export"))
 import make_bigs2_random  # noqa: E402

@@ -7,14 +7,14 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from builders import PET_THRESHOLD_MODEL, model_entry, oblique_direction, save_linear_model
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case
+from test_pipeline import label_centroid_index_xyz, make_case
+
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import Grid
-from hnseg_infer.segmenter import predict_case
 from hnseg_infer.recipe.load import load_recipe
-from test_pipeline import label_centroid_index_xyz, make_case
+from hnseg_infer.segmenter import Segmenter
 
 REGION_MODEL = {"weight": [[0, 0], [0, 2.0]], "bias": [0, -10.0]}  # label 1 where SUV > 5
 NOTHING_MODEL = {"weight": [[0, 0], [0, 0]], "bias": [0, -10.0]}  # never label 1
@@ -56,7 +56,7 @@ def weights(tmp_path_factory):
                                        oblique_direction()])
 def test_each_stage_narrows_the_roi_onto_the_lesion(direction, weights):
     ct, pet = small_case(ct_direction=direction)
-    prediction = predict_case(make_case(ct, pet), weights["finds"], device="cpu")
+    prediction = Segmenter(weights["finds"], device="cpu").predict_case(make_case(ct, pet))
     report = prediction.report.data
     assert [s["name"] for s in report["stages"]] == ["localise", "coarse", "fine"]
     localise, coarse, fine = (s["roi"] for s in report["stages"])
@@ -87,7 +87,7 @@ def test_each_stage_narrows_the_roi_onto_the_lesion(direction, weights):
 
 def test_a_coarse_stage_that_finds_nothing_falls_back_to_the_head_crop(weights):
     ct, pet = small_case()
-    report = predict_case(make_case(ct, pet), weights["misses"], device="cpu").report.data
+    report = Segmenter(weights["misses"], device="cpu").predict_case(make_case(ct, pet)).report.data
     fine = report["stages"][2]["roi"]
     assert fine["fell_back"] and fine["record"]["fallback"] == "brain_peak_head_crop"
     assert any("'coarse' labelled nothing" in w for w in report["warnings"])

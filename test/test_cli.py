@@ -3,8 +3,8 @@
 import json
 
 import SimpleITK as sitk
-
 from conftest import small_case, write_gc_input
+
 from hnseg_infer.cli.main import main
 
 

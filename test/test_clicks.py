@@ -9,17 +9,17 @@ import numpy as np
 import onnx
 import pytest
 import SimpleITK as sitk
-from onnx import TensorProto, helper, numpy_helper
-
 from builders import image_from_function, model_entry, signed_permutations, write_weights
 from conftest import write_gc_input
+from onnx import TensorProto, helper, numpy_helper
+
 from hnseg_infer.channels.clicks import RADIUS_VOXELS, Click, Clicks, encode, load_clicks
 from hnseg_infer.cli.main import main
 from hnseg_infer.errors import InputError, RecipeError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
-from hnseg_infer.segmenter import predict_case
 from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.segmenter import Segmenter
 
 TUMOUR_XYZ_MM, TUMOUR_RADIUS_MM, TUMOUR_SUV = np.array([8.0, -4.0, 14.0]), 7.0, 10.0
 NODE_XYZ_MM, NODE_RADIUS_MM, NODE_SUV = np.array([-13.0, 9.0, 6.0]), 5.0, 4.0  # below the model's threshold
@@ -162,10 +162,10 @@ def test_a_click_is_a_sphere_of_radius_3_voxels_on_the_model_grid():
 
 def test_a_click_in_a_missed_node_adds_it_and_changes_nothing_far_from_it(recipe, tmp_path):
     case = two_lesion_case()
-    plain = labels(predict_case(case, recipe, device="cpu"))
+    plain = labels(Segmenter(recipe, device="cpu").predict_case(case))
     assert (plain == 1).any() and not (plain == 2).any()  # the tumour is found, the node missed
     clicks = load_clicks(clicks_file(tmp_path / "c.json", [click(NODE_XYZ_MM)]))
-    refined_prediction = predict_case(case, recipe, device="cpu", clicks=clicks)
+    refined_prediction = Segmenter(recipe, device="cpu").predict_case(case, clicks=clicks)
     refined = labels(refined_prediction)
     changed = refined != plain
     assert (refined == 2).sum() > 0 and changed.any()
@@ -178,10 +178,10 @@ def test_a_click_in_a_missed_node_adds_it_and_changes_nothing_far_from_it(recipe
 
 def test_a_negative_click_removes_a_false_gtvp_near_it_only(recipe, tmp_path):
     case = two_lesion_case()
-    plain = labels(predict_case(case, recipe, device="cpu"))
+    plain = labels(Segmenter(recipe, device="cpu").predict_case(case))
     edge = TUMOUR_XYZ_MM + [5.0, 0, 0]
     clicks = load_clicks(clicks_file(tmp_path / "c.json", [click(edge, "GTVp", "negative")]))
-    refined_prediction = predict_case(case, recipe, device="cpu", clicks=clicks)
+    refined_prediction = Segmenter(recipe, device="cpu").predict_case(case, clicks=clicks)
     removed = (plain == 1) & (labels(refined_prediction) != 1)
     assert removed.any() and (labels(refined_prediction) == 1).any()
     assert np.linalg.norm(physical_points(refined_prediction.mask, removed) - edge, axis=1).max() <= 10.0
@@ -190,8 +190,8 @@ def test_a_negative_click_removes_a_false_gtvp_near_it_only(recipe, tmp_path):
 @pytest.mark.parametrize("direction", [signed_permutations()[i] for i in (7, 13, 42)])
 def test_a_click_lands_at_the_same_physical_place_whatever_the_ct_axes(recipe, tmp_path, direction):
     clicks = load_clicks(clicks_file(tmp_path / "c.json", [click(NODE_XYZ_MM)]))
-    reference = predict_case(two_lesion_case(), recipe, device="cpu", clicks=clicks)
-    turned = predict_case(two_lesion_case(direction), recipe, device="cpu", clicks=load_clicks(tmp_path / "c.json"))
+    reference = Segmenter(recipe, device="cpu").predict_case(two_lesion_case(), clicks=clicks)
+    turned = Segmenter(recipe, device="cpu").predict_case(two_lesion_case(direction), clicks=load_clicks(tmp_path / "c.json"))
     centre = physical_points(reference.mask, labels(reference) == 2).mean(axis=0)
     centre_turned = physical_points(turned.mask, labels(turned) == 2).mean(axis=0)
     assert np.linalg.norm(centre - centre_turned) < 1.5, (centre, centre_turned)
@@ -204,29 +204,29 @@ def test_refining_without_prompt_channels_is_a_recipe_error(tmp_path):
     case = two_lesion_case()
     clicks = load_clicks(clicks_file(tmp_path / "c.json", [click(NODE_XYZ_MM)]))
     with pytest.raises(RecipeError, match="has no model with a click-prompt channel"):
-        predict_case(case, load_recipe(write_weights(tmp_path / "plain")), device="cpu", clicks=clicks)
+        Segmenter(load_recipe(write_weights(tmp_path / "plain")), device="cpu").predict_case(case, clicks=clicks)
     save_prompt_model(tmp_path / "p" / "prompt.onnx")
     only_gtvp = write_weights(tmp_path / "p", models=[model_entry(
         files=["prompt.onnx"], channels=PROMPT_CHANNELS[:3] + [{"source": "zero"}])])
     with pytest.raises(RecipeError, match="click 0 is a GTVn click.*prompt channels for \\['GTVp'\\] only"):
-        predict_case(case, load_recipe(only_gtvp), device="cpu", clicks=clicks)
+        Segmenter(load_recipe(only_gtvp), device="cpu").predict_case(case, clicks=clicks)
 
 
 def test_clicks_outside_the_ct_or_the_roi_are_input_errors(recipe, tmp_path):
     case = two_lesion_case()
     far = load_clicks(clicks_file(tmp_path / "far.json", [click(NODE_XYZ_MM), click([0, 0, 500])]))
     with pytest.raises(InputError, match="click 1 at .* lies outside CT"):
-        predict_case(case, recipe, device="cpu", clicks=far)
+        Segmenter(recipe, device="cpu").predict_case(case, clicks=far)
     save_prompt_model(tmp_path / "box" / "prompt.onnx")
     boxed = load_recipe(write_weights(tmp_path / "box", roi={"method": "ct_top", "params": {"size_mm": [40, 40, 20]}},
                                       models=[model_entry(files=["prompt.onnx"], channels=PROMPT_CHANNELS)]))
     low = load_clicks(clicks_file(tmp_path / "low.json", [click([0, 0, -12])]))  # 20 mm box at the CT's top
     with pytest.raises(InputError, match="click 0 at .* outside the region the models see"):
-        predict_case(case, boxed, device="cpu", clicks=low)
+        Segmenter(boxed, device="cpu").predict_case(case, clicks=low)
 
 
 def test_predict_runs_a_prompt_model_with_empty_prompts(recipe):
-    prediction = predict_case(two_lesion_case(), recipe, device="cpu")
+    prediction = Segmenter(recipe, device="cpu").predict_case(two_lesion_case())
     assert "clicks" not in prediction.report.data and (labels(prediction) == 1).any()
 
 

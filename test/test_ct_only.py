@@ -8,17 +8,17 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from builders import model_entry, write_weights
 from conftest import small_case, write_gc_input
+from test_process import OUTPUT_RELATIVE, files_under, run_process
+
+from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.cli.main import container_main, main
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import IDENTITY, Grid
 from hnseg_infer.io.images import load_case
-from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.roi.locate import locate_roi
-from test_process import OUTPUT_RELATIVE, files_under, run_process
 
 # GTVp where the windowed CT > 0.05 (the lesion's 60 HU, not the body's 40 HU), whatever the PET channel holds
 CT_MODEL = {"weight": [[0, 0], [100.0, 0], [0, 0]], "bias": [0, -5.0, -100.0]}
@@ -182,9 +182,9 @@ def test_qc_picture_in_ct_only_mode_has_an_empty_pet_row(case_dir, ct_only_weigh
 
 def test_torch_route_writes_pet_optional_when_asked(tmp_path):
     import torch
+    from test_export_torch import _parser
 
     from hnseg_export import from_torch
-    from test_export_torch import _parser
 
     torch.save(torch.nn.Conv3d(2, 3, 1).state_dict(), tmp_path / "fold0.pt")
     spec = {key: value for key, value in model_entry(channels=[{"source": "ct"}, {"source": "pet"}]).items()
@@ -201,9 +201,9 @@ def test_torch_route_writes_pet_optional_when_asked(tmp_path):
 
 
 def test_library_refuses_a_case_without_pet_for_a_pet_recipe(tmp_path, pet_weights):
-    from hnseg_infer.segmenter import predict_case
+    from hnseg_infer.segmenter import Segmenter
 
     ct, _ = small_case()
     sitk.WriteImage(ct, str(tmp_path / "ct.mha"))
     with pytest.raises(RecipeError, match="needs PET"):
-        predict_case(load_case(tmp_path / "ct.mha", None), load_recipe(pet_weights), device="cpu")
+        Segmenter(load_recipe(pet_weights), device="cpu").predict_case(load_case(tmp_path / "ct.mha", None))

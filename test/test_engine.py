@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx_models import save_conv_model, save_rank_model, save_voxelwise_model, voxelwise_reference
 
-from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel, plan_providers
 from hnseg_infer.errors import ModelError
+from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel, plan_providers
 from hnseg_infer.inference.sliding_window import predict_sliding_window
 
 HAS_CUDA = CUDA in ort.get_available_providers()

@@ -25,16 +25,21 @@ from builders import image_from_function, model_entry, signed_permutations, writ
 from conftest import REPO, ct_values, pet_values
 
 from hnseg_export import from_monai
-from hnseg_infer.inference.onnx_engine import OnnxModel
+from hnseg_infer.channels.build import build_input, model_grid
+from hnseg_infer.channels.intensity import apply_ops
 from hnseg_infer.errors import ExportError
 from hnseg_infer.geometry.grid import Grid
-from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.inference.onnx_engine import OnnxModel
+from hnseg_infer.inference.runner import LoadedModel
+from hnseg_infer.inference.sliding_window import (
+    monai_gaussian_importance,
+    monai_tile_starts_zyx,
+    predict_sliding_window,
+)
 from hnseg_infer.io.images import Case, detect_pet_unit
-from hnseg_infer.segmenter import predict_case
-from hnseg_infer.channels.build import build_input, load_folds, model_grid, predict_probabilities
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.roi.locate import locate_roi
-from hnseg_infer.inference.sliding_window import monai_gaussian_importance, monai_tile_starts_zyx, predict_sliding_window
+from hnseg_infer.segmenter import Segmenter
 
 monai = pytest.importorskip("monai")
 from monai.bundle import ConfigParser  # noqa: E402
@@ -42,9 +47,22 @@ from monai.data.utils import compute_importance_map, dense_patch_slices  # noqa:
 from monai.inferers import SlidingWindowInfererAdapt, sliding_window_inference  # noqa: E402
 from monai.inferers.utils import _get_scan_interval  # noqa: E402
 from monai.networks.nets import SegResNetDS  # noqa: E402
-from monai.transforms import (Compose, ConcatItemsd, DeleteItemsd, EnsureTyped, Lambdad, LoadImage,  # noqa: E402
-                              LoadImaged, NormalizeIntensity, Orientation, Orientationd, ResampleToMatchd,
-                              ScaleIntensityRange, ScaleIntensityRanged, Spacingd)
+from monai.transforms import (  # noqa: E402
+    Compose,
+    ConcatItemsd,
+    DeleteItemsd,
+    EnsureTyped,
+    Lambdad,
+    LoadImage,
+    LoadImaged,
+    NormalizeIntensity,
+    Orientation,
+    Orientationd,
+    ResampleToMatchd,
+    ScaleIntensityRange,
+    ScaleIntensityRanged,
+    Spacingd,
+)
 
 torch.set_num_threads(2)
 TINY_NET = {"_target_": "SegResNetDS", "init_filters": 4, "blocks_down": [1, 1, 1], "norm": "INSTANCE_NVFUSER",
@@ -296,7 +314,7 @@ def test_auto3dseg_end_to_end_against_monai(auto3dseg):
     case = Case(ct, pet, ct_path=auto3dseg["ct_path"], pet_path=auto3dseg["pet_path"], pet_unit=detect_pet_unit(pet))
     box = locate_roi("ct_extent", ct=ct, pet=pet, suv_per_stored_value=1.0, params={}).box
     grid = model_grid(spec, box, Grid.of(ct))
-    ours = predict_probabilities(spec, load_folds(spec, device="cpu"), build_input(case, grid, spec))
+    ours = LoadedModel.load(spec, device="cpu").probabilities(build_input(case, grid, spec))
 
     config, keys = auto3dseg["config"], ["image", "image2"]
     pixdim = np.asarray(config["resample_resolution"])
@@ -323,7 +341,7 @@ def test_auto3dseg_end_to_end_against_monai(auto3dseg):
     assert (ours.argmax(0) == expected.argmax(0)).mean() > 0.999
     assert np.abs(folds[0] - folds[1]).max() > 1e-2  # the folds are different networks: both were used
     # and the whole hnseg pipeline runs the recipe: a mask on exactly the CT's grid
-    mask = predict_case(case, load_recipe(auto3dseg["out"]), device="cpu").mask
+    mask = Segmenter(load_recipe(auto3dseg["out"]), device="cpu").predict_case(case).mask
     assert Grid.of(mask).same_as(Grid.of(ct), tol=0.0) and mask.GetPixelID() == sitk.sitkUInt8
 
 

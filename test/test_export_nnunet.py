@@ -23,11 +23,11 @@ from builders import image_from_function  # noqa: E402
 from nnunet_folders import balance_classes, preprocessed, write_results_folder  # noqa: E402
 
 from hnseg_export import from_nnunet  # noqa: E402
-from hnseg_infer.inference.onnx_engine import OnnxModel  # noqa: E402
 from hnseg_infer.errors import ExportError, HnsegError  # noqa: E402
-from hnseg_infer.segmenter import predict_files  # noqa: E402
-from hnseg_infer.recipe.load import load_recipe  # noqa: E402
+from hnseg_infer.inference.onnx_engine import OnnxModel  # noqa: E402
 from hnseg_infer.inference.sliding_window import predict_sliding_window  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
+from hnseg_infer.segmenter import Segmenter  # noqa: E402
 
 # A CT with permuted, flipped axes, anisotropic voxels and an offset origin; PET on the CT grid, as nnU-Net needs.
 CT_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -191,7 +191,7 @@ def test_end_to_end_labels_match_nnunet_predictor(exported, case, tmp_path, requ
                                             save_probabilities=False, overwrite=True,
                                             folder_with_segs_from_prev_stage=None)
     reference = sitk.ReadImage(str(tmp_path / "nnunet" / "case.mha"))
-    ours = predict_files(case_files[0], case_files[1], load_recipe(weights), device="cpu").mask
+    ours = Segmenter(load_recipe(weights), device="cpu").predict(case_files[0], case_files[1]).mask
     for key in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         assert np.allclose(getattr(ours, key)(), getattr(reference, key)(), atol=1e-6)
     ours_zyx, reference_zyx = sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(reference)

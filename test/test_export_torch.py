@@ -13,8 +13,8 @@ import torch
 
 from hnseg_export import from_torch
 from hnseg_export.snu import SNUNet
-from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.errors import ExportError
+from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.recipe.load import load_recipe
 
 MODULE = "hnseg_export.snu:SNUNet"

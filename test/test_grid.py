@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from builders import image_from_function, oblique_direction, signed_permutations
+
 from hnseg_infer.geometry.grid import IDENTITY, Box, Grid, sample
 
 DIRECTIONS = signed_permutations() + [oblique_direction()]

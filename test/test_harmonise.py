@@ -7,12 +7,17 @@ import json
 import numpy as np
 import pytest
 import scipy.fft
-
 from builders import model_entry, write_weights
-from hnseg_infer.errors import RecipeError
-from hnseg_infer.channels.harmonise import (SpectrumReference, load_reference, low_frequency_block, save_reference,
-                                   swap_low_frequencies)
+
+from hnseg_infer.channels.harmonise import (
+    SpectrumReference,
+    load_reference,
+    low_frequency_block,
+    save_reference,
+    swap_low_frequencies,
+)
 from hnseg_infer.channels.intensity import apply_ops, validate_ops
+from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.load import load_recipe
 
 RNG = np.random.default_rng(7)

@@ -9,12 +9,12 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REPO
+
 from hnseg_infer.cli.main import container_main, main
 from hnseg_infer.geometry.grid import Box, Grid
-from hnseg_infer.tools.phantom import make_phantom, write_case
 from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.tools.phantom import make_phantom, write_case
 from hnseg_infer.uncertainty.passes import FILES
 
 UNCERTAINTY = {"passes": 2, "dropout_rate": 0.05, "seed": 0,

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from hnseg_infer.errors import RecipeError
 from hnseg_infer.channels.intensity import apply_ops, validate_ops
+from hnseg_infer.errors import RecipeError
 
 X = np.array([-2000.0, -110.0, 40.0, 190.0, 3000.0], np.float32)
 

@@ -1,12 +1,18 @@
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import small_case
+
 from hnseg_infer.errors import InputError, OutputError
 from hnseg_infer.geometry.grid import Grid
-from hnseg_infer.io.images import (detect_pet_unit, discover_inputs, load_case, repair_nonfinite, validate_mask,
-                            write_image_atomic)
+from hnseg_infer.io.images import (
+    detect_pet_unit,
+    discover_inputs,
+    load_case,
+    repair_nonfinite,
+    validate_mask,
+    write_image_atomic,
+)
 
 
 def test_pet_unit_suv_and_bqml():

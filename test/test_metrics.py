@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from hnseg_infer.tools import metrics
 from hnseg_infer.cli.main import main
+from hnseg_infer.tools import metrics
 from hnseg_infer.tools.metrics import aggregate, evaluate_arrays, label_metrics, match_lesions
 
 SPACING_XYZ_MM = (0.98, 0.98, 3.0)  # a typical CT: fine in-plane, thick slices

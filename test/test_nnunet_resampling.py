@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from builders import oblique_direction
 from scipy.ndimage import gaussian_filter
 
-from builders import oblique_direction
 from hnseg_infer.geometry.grid import Grid, lowres_axis, sample, sample_nnunet
 
 DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # permuted and flipped axes

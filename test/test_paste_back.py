@@ -8,17 +8,17 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from builders import model_entry, oblique_direction, write_weights
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case, write_gc_input
+from test_pipeline import make_case
+
 from hnseg_infer.cli.main import main as hnseg_main
 from hnseg_infer.errors import InputError, RecipeError
 from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
-from hnseg_infer.restore.paste_back import (SIDECAR_SCHEMA, ModelLabels, grid_from_exact, labels_file_for, paste_nearest,
-                                    redo_paste_back)
-from hnseg_infer.segmenter import predict_case
+from hnseg_infer.io.sidecar import SIDECAR_SCHEMA, grid_from_exact, labels_file_for, redo_paste_back
 from hnseg_infer.recipe.load import load_recipe
-from test_pipeline import make_case
+from hnseg_infer.restore.paste_back import ModelLabels, paste_nearest
+from hnseg_infer.segmenter import Segmenter
 
 PERMUTED_FLIPPED = (0.0, 0.0, -1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -136,7 +136,7 @@ def test_paste_nearest_puts_the_lesion_where_probability_restoration_does(direct
     ct, pet = small_case(ct_direction=direction)
     masks = {}
     for restore, recipe in recipes.items():
-        prediction = predict_case(make_case(ct, pet), recipe, device="cpu")
+        prediction = Segmenter(recipe, device="cpu").predict_case(make_case(ct, pet))
         assert Grid.of(prediction.mask).same_as(Grid.of(ct), tol=0)
         masks[restore] = sitk.GetArrayFromImage(prediction.mask)
         assert prediction.report.data["crop"]["restore"] == restore

@@ -10,13 +10,13 @@ from hnseg_infer.cli.main import main
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.tools.phantom import (
     BLADDER_CENTER_XYZ_MM,
-    Ellipsoid,
     BQML_PER_SUV,
     BRAIN_CENTER_XYZ_MM,
     FOV_Z_RANGE_MM,
     NECK_BOTTOM_Z_MM,
     SHAPE_NAMES,
     SOFT_TISSUE_HU,
+    Ellipsoid,
     _union_zyx,
     _uptake_zyx,
     acquisition_grids,

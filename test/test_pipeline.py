@@ -6,13 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from builders import model_entry, oblique_direction, save_linear_model, signed_permutations, write_weights
 from conftest import LESION_CENTER_XYZ_MM, small_case
+
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
-from hnseg_infer.segmenter import predict_case
 from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.segmenter import Segmenter
 
 
 def make_case(ct, pet) -> Case:
@@ -39,7 +39,7 @@ def recipes(tmp_path_factory):
 @pytest.mark.parametrize("orientation", ["lps", "ct"])
 def test_lesion_comes_back_where_it_is(direction, orientation, recipes):
     ct, pet = small_case(ct_direction=direction)
-    prediction = predict_case(make_case(ct, pet), recipes[orientation], device="cpu")
+    prediction = Segmenter(recipes[orientation], device="cpu").predict_case(make_case(ct, pet))
     mask = prediction.mask
     assert Grid.of(mask).same_as(Grid.of(ct), tol=0.0)
     expected_index = Grid.of(ct).physical_to_index(LESION_CENTER_XYZ_MM)[0]
@@ -52,7 +52,7 @@ def test_lesion_comes_back_where_it_is(direction, orientation, recipes):
 
 def test_report_records_stages_grids_and_labels(recipes):
     ct, pet = small_case()
-    report = predict_case(make_case(ct, pet), recipes["lps"], device="cpu").report.data
+    report = Segmenter(recipes["lps"], device="cpu").predict_case(make_case(ct, pet)).report.data
     assert report["roi"]["method"] == "ct_extent"
     (stage,) = report["stages"]
     assert stage["name"] == "main" and stage["roi"] == report["roi"]
@@ -76,7 +76,7 @@ def test_heterogeneous_ensemble_softmax_and_sigmoid_models(tmp_path):
     folder = write_weights(tmp_path, models=[softmax, sigmoid])
     recipe = load_recipe(folder)
     ct, pet = small_case(ct_direction=signed_permutations()[21])
-    prediction = predict_case(make_case(ct, pet), recipe, device="cpu")
+    prediction = Segmenter(recipe, device="cpu").predict_case(make_case(ct, pet))
     report = prediction.report.data
     assert [m["name"] for m in report["stages"][0]["models"]] == ["softmax_2mm", "sigmoid_regions"]
     assert report["stages"][0]["models"][1]["grid"]["spacing_xyz_mm"] == [1.5, 2.0, 3.0]

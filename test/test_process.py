@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 import SimpleITK as sitk
-
-from conftest import REPO, small_case, write_gc_input
+from conftest import REPO, small_case
 
 OUTPUT_RELATIVE = "images/tumor-lymph-node-segmentation/output.mha"
 

@@ -6,15 +6,22 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from builders import image_from_function, oblique_direction
 from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
-from builders import image_from_function, oblique_direction
 from hnseg_infer.cli.main import main
 from hnseg_infer.errors import InputError
 from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
-from hnseg_infer.tools.qc import (DPI, FIGURE_SIZE_IN, MASK_COLOURS, REFERENCE_COLOURS, boxes_from_report, draw_qc,
-                            view_centre)
+from hnseg_infer.tools.qc import (
+    DPI,
+    FIGURE_SIZE_IN,
+    MASK_COLOURS,
+    REFERENCE_COLOURS,
+    boxes_from_report,
+    draw_qc,
+    view_centre,
+)
 
 CENTRE = np.array([10.0, -20.0, -150.0])  # centre of the CT field
 GTVP = CENTRE + [-8.0, 5.0, 3.0]  # the largest lesion, radius 10 mm

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REAL_DATA, REPO
 from test_process import OUTPUT_RELATIVE, files_under, run_process
 

@@ -1,8 +1,8 @@
 import json
 
 import pytest
-
 from builders import model_entry, write_weights
+
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.load import load_recipe
 

@@ -13,8 +13,8 @@ from conftest import REAL_DATA
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import IDENTITY, Grid
-from hnseg_infer.tools.phantom import BLADDER_CENTER_XYZ_MM, HEART_CENTER_XYZ_MM, make_phantom
 from hnseg_infer.roi.locate import HEAD_CHECK, StageLabels, check_params, locate_roi
+from hnseg_infer.tools.phantom import BLADDER_CENTER_XYZ_MM, HEART_CENTER_XYZ_MM, make_phantom
 
 FAST = {"ct_spacing_xyz_mm": (3.0, 3.0, 3.0), "ct_size_xy": 170, "pet_spacing_xyz_mm": (5.0, 5.0, 5.0)}
 HEAD_METHODS = ["brain_peak_head_crop", "pet_threshold_head_neck_box"]

@@ -20,9 +20,8 @@ import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from hnseg_infer.segmenter import Segmenter  # noqa: E402
 from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
-from hnseg_infer.segmenter import predict_files  # noqa: E402
-from hnseg_infer.recipe.load import load_recipe  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden_masks"
 MAX_DIFFERING_FRACTION = 1e-3
@@ -86,8 +85,8 @@ def suv_baseline_weights(folder: Path) -> Path:
     return folder
 
 
-def predict(weights: Path, ct: Path, pet: Path) -> sitk.Image:
-    return predict_files(ct, pet, load_recipe(weights), device="cpu").mask
+def predict(segmenter: Segmenter, ct: Path, pet: Path) -> sitk.Image:
+    return segmenter.predict(ct, pet).mask
 
 
 def differing(mask: sitk.Image, golden: sitk.Image) -> tuple[int, int]:
@@ -99,14 +98,15 @@ def differing(mask: sitk.Image, golden: sitk.Image) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("same_masks")
-    return {"root": root, "weights": {"demo": fast_demo_weights(root / "demo"),
-                                      "suv_baseline": suv_baseline_weights(root / "suv_baseline")}}
+    return {"root": root, "segmenters": {"demo": Segmenter.from_weights(fast_demo_weights(root / "demo"), device="cpu"),
+                                         "suv_baseline": Segmenter.from_weights(suv_baseline_weights(root / "suv"),
+                                                                                device="cpu")}}
 
 
 @pytest.mark.parametrize("weights_name,phantom", CASES, ids=[f"{w}-{p}" for w, p in CASES])
 def test_mask_matches_the_committed_mask(inputs, weights_name, phantom):
     ct, pet = write_phantom(phantom, inputs["root"] / "cases")
-    mask = predict(inputs["weights"][weights_name], ct, pet)
+    mask = predict(inputs["segmenters"][weights_name], ct, pet)  # models loaded once for all cases
     golden = sitk.ReadImage(str(GOLDEN / f"{weights_name}-{phantom}.mha"))
     ct_image = sitk.ReadImage(str(ct))
     for key in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):  # exactly the CT grid, as committed
@@ -122,10 +122,11 @@ def _write_all() -> None:
 
     GOLDEN.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        weights = {"demo": fast_demo_weights(Path(tmp) / "demo"), "suv_baseline": suv_baseline_weights(Path(tmp) / "suv")}
+        segmenters = {"demo": Segmenter.from_weights(fast_demo_weights(Path(tmp) / "demo"), device="cpu"),
+                      "suv_baseline": Segmenter.from_weights(suv_baseline_weights(Path(tmp) / "suv"), device="cpu")}
         for weights_name, phantom in CASES:
             ct, pet = write_phantom(phantom, Path(tmp) / "cases")
-            mask = predict(weights[weights_name], ct, pet)
+            mask = predict(segmenters[weights_name], ct, pet)
             sitk.WriteImage(mask, str(GOLDEN / f"{weights_name}-{phantom}.mha"), useCompression=True)
             counts = np.bincount(sitk.GetArrayViewFromImage(mask).ravel(), minlength=3)
             print(f"{weights_name}-{phantom}: GTVp {counts[1]} voxels, GTVn {counts[2]} voxels")

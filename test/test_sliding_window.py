@@ -7,13 +7,18 @@ from itertools import combinations, product
 
 import numpy as np
 import pytest
-from scipy.ndimage import gaussian_filter
 from onnx_models import save_conv_model, save_voxelwise_model, voxelwise_reference
+from scipy.ndimage import gaussian_filter
 
-from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.errors import ModelError
-from hnseg_infer.inference.sliding_window import (gaussian_importance, monai_gaussian_importance, monai_tile_starts_zyx,
-                                        predict_sliding_window, tile_starts_zyx)
+from hnseg_infer.inference.onnx_engine import OnnxModel
+from hnseg_infer.inference.sliding_window import (
+    gaussian_importance,
+    monai_gaussian_importance,
+    monai_tile_starts_zyx,
+    predict_sliding_window,
+    tile_starts_zyx,
+)
 
 SHAPE_ZYX = (37, 45, 29)  # odd sizes, none a multiple of the patches below
 N_OUT = 3

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import REPO
+
 from hnseg_infer.cli.main import container_main
 from hnseg_infer.geometry.grid import Box, Grid
-from hnseg_infer.restore.paste_back import redo_paste_back
-from hnseg_infer.tools.phantom import make_phantom, write_case
+from hnseg_infer.io.sidecar import redo_paste_back
 from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.tools.phantom import make_phantom, write_case
 
 
 def _make_snu_random():

@@ -23,8 +23,8 @@ from onnx_models import save_conv_model, save_voxelwise_model, voxelwise_referen
 
 import hnseg_infer.inference.onnx_engine as engine_module
 import hnseg_infer.inference.tensorrt as trt
-from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel
 from hnseg_infer.errors import ExportError, ModelError
+from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel
 
 REPO = Path(__file__).resolve().parent.parent
 T4 = trt.Platform("Tesla T4", "7.5", "10.9.0")

@@ -84,10 +84,10 @@ def test_cached_inputs_are_the_inference_inputs(quick_run):
     """The cached localiser input of a case equals build_input on the ct_top box with the exported recipe's spec."""
     import SimpleITK as sitk
 
-    from hnseg_infer.io.images import Case, detect_pet_unit
-    from hnseg_infer.tools.phantom import make_phantom
     from hnseg_infer.channels.build import build_input, model_grid
+    from hnseg_infer.io.images import Case, detect_pet_unit
     from hnseg_infer.roi.locate import locate_roi
+    from hnseg_infer.tools.phantom import make_phantom
 
     module = quick_run["module"]
     case = module.training_cases(1)[0]

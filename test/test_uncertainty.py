@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from builders import image_from_function, model_entry, oblique_direction, write_weights
 from conftest import small_case
+
 from hnseg_export.onnx_export import export_onnx
 from hnseg_export.stochastic import StochasticNetwork, export_stochastic
-from hnseg_infer.uncertainty import tta
 from hnseg_infer.errors import ExportError, RecipeError
 from hnseg_infer.geometry.grid import Grid, sample
-from hnseg_infer.io.images import Case, detect_pet_unit
 from hnseg_infer.inference.stochastic import StochasticModel, keep_mask_reference
-from hnseg_infer.segmenter import predict_case
+from hnseg_infer.io.images import Case, detect_pet_unit
 from hnseg_infer.recipe.load import load_recipe
-from hnseg_infer.uncertainty.passes import (FILES, UncertaintyOptions, predictive_entropy, write_maps)
+from hnseg_infer.segmenter import Segmenter
+from hnseg_infer.uncertainty import tta
 from hnseg_infer.uncertainty.config import Augmentations, parse_uncertainty
+from hnseg_infer.uncertainty.passes import FILES, UncertaintyOptions, predictive_entropy, write_maps
 
 ALL_AUGMENTATIONS = {"noise": {"std": 0.05}, "flip": {"axes_zyx": [0, 1, 2]}, "rotation": {"max_degrees": 5}}
 BLOCK = {"passes": 3, "dropout_rate": 0.2, "seed": 7, "augmentations": ALL_AUGMENTATIONS}
@@ -74,7 +74,7 @@ def case():
 
 
 def run(case, recipe, **options):
-    return predict_case(case, recipe, device="cpu", uncertainty=UncertaintyOptions(**options))
+    return Segmenter(recipe, device="cpu").predict_case(case, uncertainty=UncertaintyOptions(**options))
 
 
 # ------------------------------------------------------------------------------------------------- the recipe block
@@ -315,6 +315,7 @@ def test_augmentation_only_needs_no_twin(case, tmp_path):
 
 def test_uncertainty_cli_writes_three_files_beside_and_the_report(tmp_path, weights):
     from conftest import write_gc_input
+
     from hnseg_infer.cli.main import container_main
 
     ct, pet = small_case()
@@ -334,6 +335,7 @@ def test_uncertainty_cli_writes_three_files_beside_and_the_report(tmp_path, weig
 
 def test_unwritable_uncertainty_folder_is_an_error_and_leaves_no_mask(tmp_path, weights):
     from conftest import write_gc_input
+
     from hnseg_infer.cli.main import container_main
 
     ct, pet = small_case()

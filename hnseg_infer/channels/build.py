@@ -1,6 +1,5 @@
-"""One model of the ensemble: its grid inside the ROI box, its input channels sampled straight from the native
-CT/PET (one interpolation; nnU-Net models: nnUNetPredictor's path from the CT's voxels), and its fold-averaged
-probabilities on that grid."""
+"""A model's input: its grid inside the ROI box, and its channels sampled straight from the native CT/PET (one
+interpolation; nnU-Net models: nnUNetPredictor's path from the CT's voxels), with their intensity ops."""
 
 from __future__ import annotations
 
@@ -9,14 +8,10 @@ import SimpleITK as sitk
 
 from hnseg_infer.channels.clicks import PROMPT_SOURCES, Clicks
 from hnseg_infer.channels.clicks import encode as encode_clicks
-from hnseg_infer.inference.onnx_engine import OnnxModel
-from hnseg_infer.errors import ModelError
-from hnseg_infer.geometry.grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
 from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.geometry.grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
 from hnseg_infer.io.images import FILL_VALUE, Case
-from hnseg_infer.recipe.load import ChannelSpec, HeadSpec, ModelSpec
-from hnseg_infer.inference.sliding_window import predict_sliding_window
-
+from hnseg_infer.recipe.load import ChannelSpec, ModelSpec
 
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # grid axes towards Right, Anterior, Superior (in LPS terms)
 
@@ -99,48 +94,3 @@ def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_fa
     del values
     normalised.CopyInformation(region)
     return np.clip(resample(normalised, grid, interpolation=channel.interpolation, fill_value=low), low, high)
-
-
-def activate(logits_kzyx: np.ndarray, head: HeadSpec) -> np.ndarray:
-    """Logits → probabilities: softmax over the outputs, or an independent sigmoid per region."""
-    if head.type == "softmax":
-        shifted = np.exp(logits_kzyx - logits_kzyx.max(axis=0, keepdims=True))
-        return shifted / shifted.sum(axis=0, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-logits_kzyx))
-
-
-def load_folds(spec: ModelSpec, *, device: str) -> list[OnnxModel]:
-    """One session per fold file, checked against the recipe's channels and outputs."""
-    folds = []
-    for path, sha256 in zip(spec.files, spec.sha256):
-        model = OnnxModel(path, device=device, sha256=sha256)  # the recipe's hash: an engine's stamp is checked on it
-        if model.n_input_channels not in (None, len(spec.channels)):
-            raise ModelError(f"{path} expects {model.n_input_channels} input channels but recipe model "
-                             f"{spec.name!r} declares {len(spec.channels)}: fix the recipe's 'channels'")
-        if model.n_outputs not in (None, spec.head.n_outputs):
-            raise ModelError(f"{path} produces {model.n_outputs} outputs but recipe model {spec.name!r} declares "
-                             f"{spec.head.n_outputs} ({spec.head.type} head): fix the recipe's 'head'")
-        folds.append(model)
-    return folds
-
-
-def predict_probabilities(spec: ModelSpec, folds: list[OnnxModel], image_czyx: np.ndarray) -> np.ndarray:
-    """float32 [K, z, y, x] probabilities on the model grid, folds averaged as logits or as probabilities."""
-    forward = (0, *(a + 1 for a in spec.transpose_forward))
-    backward = tuple(int(a) for a in np.argsort(forward))
-    image = image_czyx.transpose(forward)  # into the network's axis order, and back after the window
-    total = None
-    for fold in folds:
-        logits = predict_sliding_window(fold, image, patch_zyx=spec.patch_size_zyx,
-                                        n_outputs=spec.head.n_outputs, step_fraction=spec.step_fraction,
-                                        tile_batch=spec.tile_batch, mirror_axes_zyx=spec.mirror_axes_zyx,
-                                        gaussian=spec.gaussian, tiling=spec.tiling,
-                                        overlap=spec.overlap or 0.0).transpose(backward)
-        term = logits if spec.fold_average == "logits" else activate(logits, spec.head)
-        if total is None:
-            total = term
-        else:
-            total += term
-    mean = total / len(folds)
-    result = activate(mean, spec.head) if spec.fold_average == "logits" else mean
-    return result.astype(np.float32, copy=False)

@@ -29,8 +29,6 @@ report says so: slices paired by relative position (nearest row) and the coeffic
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 from scipy.fft import dctn, idctn
 
 from hnseg_infer.errors import RecipeError
+from hnseg_infer.io.atomic import file_sha256, write_atomic
 
 REFERENCE_FILE = "reference_ct_dct.npz"
 DEFAULT_RADIUS = 3
@@ -118,7 +117,6 @@ def harmonise(x_zyx: np.ndarray, *, reference: SpectrumReference, radius: int = 
 
 def load_reference(path: Path, *, radius: int, where: str) -> SpectrumReference:
     """Read and check a reference file; RecipeError naming the file and the fix for anything wrong."""
-    from hnseg_infer.recipe.load import file_sha256  # recipe imports this module's users; a late import keeps them acyclic
 
     path = Path(path)
     fix = "recompute it with export/make_harmonisation_reference.py"
@@ -166,16 +164,10 @@ def check_fits(reference: SpectrumReference, expected_size_zyx, *, where: str) -
 
 
 def save_reference(path: Path, low_frequency_dct: np.ndarray, grid_size_zyx) -> Path:
-    """Write a reference file atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a reference file atomically (io/atomic.py)."""
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, low_frequency_dct=np.asarray(low_frequency_dct, np.float64),
                      grid_size_zyx=np.asarray(grid_size_zyx, np.int64))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+
+    return write_atomic(path, write)

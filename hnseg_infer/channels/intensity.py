@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 
-from hnseg_infer.errors import RecipeError
 from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, harmonise, load_reference
+from hnseg_infer.errors import RecipeError
 
 SOURCES = ("ct", "pet", "zero", "clicks_gtvp", "clicks_gtvn")  # clicks_*: the click prompts (clicks.py)
 

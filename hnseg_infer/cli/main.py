@@ -11,34 +11,20 @@ import argparse
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
-from hnseg_infer.channels.clicks import load_clicks
-from hnseg_infer.errors import HnsegError, MissingPetError, RecipeError
+from hnseg_infer.errors import HnsegError, MissingPetError
 from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
-from hnseg_infer.segmenter import predict_files
-from hnseg_infer.recipe.load import RECIPE_FILE, load_recipe
+from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
+from hnseg_infer.segmenter import Prediction, Segmenter
 from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 
 GC_OUTPUT_RELATIVE = Path("images/tumor-lymph-node-segmentation/output.mha")
 GC_MODEL_DIR = Path("/opt/ml/model")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
-
-
-def resolve_weights(folder: Path) -> Path:
-    """A folder holding recipe.json itself, or exactly one sub-folder that does (weights/<name>/recipe.json)."""
-    folder = Path(folder)
-    if (folder / RECIPE_FILE).is_file() or not folder.is_dir():
-        return folder  # load_recipe reports a missing folder clearly
-    candidates = sorted(p.parent for p in folder.glob(f"*/{RECIPE_FILE}"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        raise RecipeError(f"weights folder {folder} holds several recipes ({', '.join(p.name for p in candidates)}): "
-                          f"pass --weights {folder}/<name> to choose one")
-    return folder
 
 
 def default_weights() -> Path:
@@ -48,65 +34,97 @@ def default_weights() -> Path:
     return BUNDLED_WEIGHTS
 
 
+@dataclass(frozen=True)
+class CaseOutputs:
+    """Where one case's files go: the mask, and when asked for the report, QC picture, crop sidecar and maps."""
+
+    mask: Path
+    report: Path | None = None
+    qc_png: Path | None = None
+    sidecar: Path | None = None
+    uncertainty_dir: Path | None = None
+
+
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
-    """Predict one case and write its mask (and, when asked, its QC picture, crop sidecar and uncertainty maps
-    first); with `clicks` (a clicks JSON file) the prediction is refined by them. Returns the exit code."""
+    """Load the weights, predict one case and write its files (see `run_case`). Returns the exit code."""
     report = RunReport()
-    code = 0
+    outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
     try:
-        recipe = load_recipe(resolve_weights(weights))
-        prediction = predict_files(ct, pet, recipe, device=device, report=report, ct_only=ct_only,
-                                   pet_missing=pet_missing, clicks=load_clicks(clicks) if clicks else None,
-                                   uncertainty=UncertaintyOptions(seed=uncertainty_seed) if uncertainty_dir else None)
-        if qc_png is not None:
-            _draw_qc(prediction, qc_png, case_name=Path(ct).name)
-        if sidecar is not None:
-            _write_sidecar(prediction, sidecar, mask_path=out)
-        if uncertainty_dir is not None:
+        segmenter = Segmenter.from_weights(weights, device=device)
+    except Exception as exc:  # noqa: BLE001 - reported as any case error is
+        return _finish(report, outputs.report, exc, debug=debug)
+    return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
+                    pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug)
+
+
+def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseOutputs, report: RunReport | None = None,
+             ct_only: bool = False, pet_missing: MissingPetError | None = None, clicks: Path | None = None,
+             uncertainty_seed: int | None = None, debug: bool = False) -> int:
+    """Predict one case with loaded models and write its mask (and, when asked, its QC picture, crop sidecar and
+    uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them. The report is
+    written whatever happens. Returns the exit code."""
+    report = report if report is not None else RunReport()
+    try:
+        uncertainty = UncertaintyOptions(seed=uncertainty_seed) if outputs.uncertainty_dir else None
+        prediction = segmenter.predict(ct, pet, ct_only=ct_only, pet_missing=pet_missing, clicks=clicks,
+                                       uncertainty=uncertainty, report=report)
+        if outputs.qc_png is not None:
+            _draw_qc(prediction, outputs.qc_png, case_name=Path(ct).name)
+        if outputs.sidecar is not None:
+            _write_sidecar(prediction, outputs.sidecar, mask_path=outputs.mask)
+        if outputs.uncertainty_dir is not None:
             with report.stage("write_uncertainty"):
-                report.data["uncertainty"]["files"] = write_maps(prediction.uncertainty, prediction.case.ct_grid,
-                                                                 uncertainty_dir)
+                report.update("uncertainty", files=write_maps(prediction.uncertainty, prediction.case.ct_grid,
+                                                              outputs.uncertainty_dir))
         with report.stage("write"):
-            write_image_atomic(prediction.mask, out)
-        report.set("output", str(out))
+            write_image_atomic(prediction.mask, outputs.mask)
+        report.set("output", str(outputs.mask))
         report.finish("ok")
-    except HnsegError as exc:
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, never leave a partial output
+        return _finish(report, outputs.report, exc, debug=debug)
+    return _finish(report, outputs.report, None, debug=debug)
+
+
+def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, *, debug: bool) -> int:
+    """Report the error (one line on stderr), write the report, print the summary line; the exit code."""
+    code = 0
+    if isinstance(exc, HnsegError):
         report.finish("error", str(exc))
         print(f"hnseg: error: {exc}", file=sys.stderr)
         code = EXIT_USER_ERROR
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, never leave a partial output
+    elif exc is not None:
         report.finish("internal error", f"{type(exc).__name__}: {exc}")
         print(f"hnseg: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
         code = EXIT_INTERNAL_ERROR
         if debug:
-            traceback.print_exc()
+            traceback.print_exception(exc)
     if report_path is not None:
         report.write(report_path)
     print(report.summary_line())
     return code
 
 
-def _draw_qc(prediction, qc_png: Path, *, case_name: str) -> None:
-    from hnseg_infer.tools.qc import boxes_from_report, draw_qc
+def _draw_qc(prediction: Prediction, qc_png: Path, *, case_name: str) -> None:
+    from hnseg_infer.tools.qc import draw_qc
 
     report, case = prediction.report, prediction.case
     with report.stage("qc_picture"):
         pet = case.pet if not case.ct_only else _blank_like(case.ct)  # CT-only: an empty PET row and MIP
-        draw_qc(ct=case.ct, pet=pet, mask=prediction.mask, boxes=boxes_from_report(report.data), out_png=qc_png,
+        draw_qc(ct=case.ct, pet=pet, mask=prediction.mask, boxes=prediction.roi_boxes(), out_png=qc_png,
                 case=case_name, suv_per_stored_value=case.suv_per_stored_value,
                 title="CT-only mode: no PET" if case.ct_only else "")
     report.set("qc_picture", str(qc_png))
 
 
-def _write_sidecar(prediction, sidecar: Path, *, mask_path: Path) -> None:
-    from hnseg_infer.restore.paste_back import write_sidecar
+def _write_sidecar(prediction: Prediction, sidecar: Path, *, mask_path: Path) -> None:
+    from hnseg_infer.io.sidecar import write_sidecar
 
     with prediction.report.stage("sidecar"):
-        write_sidecar(sidecar, prediction.report.data["crop"], prediction.model_labels, mask_path=mask_path)
+        write_sidecar(sidecar, prediction.crop, prediction.model_labels, mask_path=mask_path)
     prediction.report.set("sidecar", str(sidecar))
 
 
@@ -167,13 +185,21 @@ def container_main(argv: list[str] | None = None) -> int:
 
 
 def _batch(args) -> int:
-    """Every case folder under --input (GC layout: CASE/[input/]images/{ct,pet}/*) → --out/CASE.mha."""
+    """Every case folder under --input (GC layout: CASE/[input/]images/{ct,pet}/*) → --out/CASE.mha, with the models
+    loaded once for the whole batch; per case CASE.report.json and, when asked, CASE.qc.png, CASE.sidecar.json and
+    CASE.uncertainty/."""
     from tqdm import tqdm
 
-    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir())
+    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir()) if Path(args.input).is_dir() else []
     if not cases:
         print(f"hnseg: error: no case folders in {args.input}", file=sys.stderr)
         return EXIT_USER_ERROR
+    try:
+        segmenter = Segmenter.from_weights(args.weights, device=args.device)
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    out = Path(args.out)
     failed = []
     for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
         root = case / "input" if (case / "input" / "images").is_dir() else case
@@ -183,10 +209,12 @@ def _batch(args) -> int:
             print(f"hnseg: error: {case.name}: {exc}", file=sys.stderr)
             failed.append(case.name)
             continue
-        report = Path(args.out) / f"{case.name}.report.json"
-        if run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
-                   out=Path(args.out) / f"{case.name}.mha", weights=args.weights,
-                   report_path=report, device=args.device, debug=args.debug):
+        outputs = CaseOutputs(out / f"{case.name}.mha", out / f"{case.name}.report.json",
+                              out / f"{case.name}.qc.png" if args.qc else None,
+                              out / f"{case.name}.sidecar.json" if args.sidecar else None,
+                              out / f"{case.name}.uncertainty" if args.uncertainty else None)
+        if run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
+                    uncertainty_seed=args.uncertainty_seed, debug=args.debug):
             failed.append(case.name)
     print(f"hnseg batch: {len(cases) - len(failed)} of {len(cases)} cases ok"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -252,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--qc", action="store_true", help="also draw OUT/CASE.qc.png")
+    b.add_argument("--sidecar", action="store_true", help="also write the crop provenance OUT/CASE.sidecar.json")
+    b.add_argument("--uncertainty", action="store_true",
+                   help="also write the recipe's uncertainty maps to OUT/CASE.uncertainty/")
+    b.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
 
     e = sub.add_parser("evaluate", help="HECKTOR metrics of predicted masks against references (paired by file name)")
     e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz), or one mask")

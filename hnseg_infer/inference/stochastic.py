@@ -22,12 +22,10 @@ through numpy's SeedSequence (tile_seed). `keep_mask_reference` is the numpy twi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from hnseg_infer.inference.onnx_engine import OnnxModel, _RUN_ERRORS
 from hnseg_infer.errors import ModelError
+from hnseg_infer.inference.onnx_engine import _RUN_ERRORS, OnnxModel
 
 MODULUS = 2**31 - 1
 SITE_STRIDE = 104_729  # the 10 000th prime: separates the dropout sites' streams
@@ -117,19 +115,3 @@ class StochasticRun:
         seeds = np.array([self.seeds(self.tiles + i) for i in range(n)], np.int64)
         self.tiles += n
         return self.model.run(batch_nczyx, seeds, self.rate)
-
-
-def load_stochastic(files: tuple[Path, ...], sha256: tuple[str, ...], *, n_channels: int, n_outputs: int,
-                    device: str, name: str) -> list[StochasticModel]:
-    """One session per stochastic twin, checked against the recipe's channels and outputs."""
-    models = []
-    for path, digest in zip(files, sha256):
-        model = StochasticModel(path, device=device, sha256=digest)
-        if model.n_input_channels not in (None, n_channels):
-            raise ModelError(f"{path} expects {model.n_input_channels} input channels but recipe model {name!r} "
-                             f"declares {n_channels}: re-export the stochastic twins with the model")
-        if model.n_outputs not in (None, n_outputs):
-            raise ModelError(f"{path} produces {model.n_outputs} outputs but recipe model {name!r} declares "
-                             f"{n_outputs}: re-export the stochastic twins with the model")
-        models.append(model)
-    return models

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from hnseg_infer.errors import ModelError
-from hnseg_infer.recipe.load import file_sha256
+from hnseg_infer.io.atomic import file_sha256
 
 TENSORRT = "TensorrtExecutionProvider"
 STAMP_SCHEMA = 1

@@ -7,8 +7,6 @@ The output is validated against the CT grid and written atomically.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import SimpleITK as sitk
 
 from hnseg_infer.errors import InputError, MissingPetError, OutputError
 from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.labels import LABEL_VALUES
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
 # A few non-finite voxels (scanner padding, a bad slice) are repaired; beyond this fraction the image is refused.
@@ -76,6 +76,11 @@ def read_image(path: Path, role: str) -> sitk.Image:
         first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
         raise InputError(f"{role.upper()} image {path} cannot be read as a medical image ({first_line[:200]}): "
                          f"provide a valid .mha, .nii(.gz) or .nrrd file") from exc
+    return check_image(image, role, path)
+
+
+def check_image(image: sitk.Image, role: str, path: Path) -> sitk.Image:
+    """A 3-D scalar volume with positive spacing (`path` names it in messages); float64 becomes float32."""
     if image.GetDimension() != 3:
         raise InputError(f"{role.upper()} image {path} has {image.GetDimension()} dimensions (size "
                          f"{list(image.GetSize())}): expected a 3-D volume")
@@ -90,6 +95,14 @@ def read_image(path: Path, role: str) -> sitk.Image:
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image
+
+
+def _image(source: "Path | str | sitk.Image", role: str) -> tuple[sitk.Image, Path]:
+    """An image and the name messages and the report give it: a file read from its path, or one given in memory."""
+    if isinstance(source, sitk.Image):
+        name = Path(f"<{role.upper()} image given in memory>")
+        return check_image(source, role, name), name
+    return read_image(Path(source), role), Path(source)
 
 
 def repair_nonfinite(image: sitk.Image, *, role: str, path: Path, warnings: list[str]) -> sitk.Image:
@@ -186,16 +199,17 @@ def check_overlap(ct_grid: Grid, pet_grid: Grid, *, ct_path: Path, pet_path: Pat
         warnings.append(f"PET covers only {fraction:.0%} of the CT volume; outside it the PET channel is 0")
 
 
-def load_case(ct_path: Path, pet_path: Path | None) -> Case:
-    """Read and validate a PET/CT pair; without `pet_path` the CT alone (CT-only mode)."""
-    ct_path = Path(ct_path)
+def load_case(ct: "Path | str | sitk.Image", pet: "Path | str | sitk.Image | None") -> Case:
+    """Read (or take) and validate a PET/CT pair, each a path or a SimpleITK image; without `pet` the CT alone
+    (CT-only mode)."""
     warnings: list[str] = []
-    ct = repair_nonfinite(read_image(ct_path, "ct"), role="ct", path=ct_path, warnings=warnings)
-    if pet_path is None:
+    ct, ct_path = _image(ct, "ct")
+    ct = repair_nonfinite(ct, role="ct", path=ct_path, warnings=warnings)
+    if pet is None:
         _check_ct_not_constant(ct, ct_path)
         return Case(ct, None, ct_path, None, None, warnings)
-    pet_path = Path(pet_path)
-    pet = repair_nonfinite(read_image(pet_path, "pet"), role="pet", path=pet_path, warnings=warnings)
+    pet, pet_path = _image(pet, "pet")
+    pet = repair_nonfinite(pet, role="pet", path=pet_path, warnings=warnings)
     check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
     _check_ct_not_constant(ct, ct_path)
     pet_unit = detect_pet_unit(pet)
@@ -211,9 +225,6 @@ def _check_ct_not_constant(ct: sitk.Image, ct_path: Path) -> None:
         raise InputError(f"CT {ct_path} is constant ({ct_coarse.min()}): expected a CT in HU")
 
 
-LABEL_VALUES = {0, 1, 2}
-
-
 def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
     """The output contract: uint8, values within {0, 1, 2}, exactly the CT's grid."""
     if mask.GetPixelID() != sitk.sitkUInt8:
@@ -227,19 +238,6 @@ def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
 
 
 def write_image_atomic(image: sitk.Image, path: Path) -> None:
-    """Write via a temporary file in the target folder and rename; no partial file or new folder survives an error."""
-    path = Path(path)
-    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".mha"
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
-        for folder in created:  # deepest first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise OutputError(f"cannot write {path}: {exc}; check that the output folder is writable") from exc
+    """Write compressed, atomically (io/atomic.py): no partial file or new folder survives an error."""
+    write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True),
+                 hint="check that the output folder is writable")

@@ -7,18 +7,18 @@ strict: unknown keys, missing files and bad values are RecipeErrors naming the f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hnseg_infer.errors import RecipeError
-from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.channels.harmonise import SpectrumReference, check_fits
 from hnseg_infer.channels.intensity import SOURCES, validate_ops
+from hnseg_infer.errors import RecipeError
+from hnseg_infer.geometry.grid import Box, Grid
+from hnseg_infer.io.atomic import file_sha256
 from hnseg_infer.restore.postprocess import PostprocessConfig
-from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
 from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
+from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -187,14 +187,6 @@ def _numbers(value, n, where, key, kind=float):
     return out
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _channel(obj, where, folder: Path) -> ChannelSpec:
     keys = ("source", "interpolation", "ops", "ops_before_sampling")
     r = _Reader(obj, where)
@@ -347,6 +339,20 @@ def find_recipe(weights_dir: Path) -> Path:
         raise RecipeError(f"no {RECIPE_FILE} in weights folder {weights_dir}: export a model with export/to_onnx.py "
                           f"or point --weights at a folder that has one")
     return path
+
+
+def resolve_weights(folder: Path) -> Path:
+    """A weights folder: one holding recipe.json, or exactly one sub-folder that does (weights/<name>/recipe.json)."""
+    folder = Path(folder)
+    if (folder / RECIPE_FILE).is_file() or not folder.is_dir():
+        return folder  # load_recipe reports a missing folder clearly
+    candidates = sorted(p.parent for p in folder.glob(f"*/{RECIPE_FILE}"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(candidates) > 1:
+        raise RecipeError(f"weights folder {folder} holds several recipes ({', '.join(p.name for p in candidates)}): "
+                          f"pass --weights {folder}/<name> to choose one")
+    return folder
 
 
 def load_recipe(weights_dir: Path) -> Recipe:

@@ -9,9 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from hnseg_infer.geometry.grid import Grid, sample, sample_nnunet
+from hnseg_infer.labels import LABELS
 from hnseg_infer.recipe.load import HeadSpec, ModelSpec
-
-LABELS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -49,31 +48,63 @@ class OutputSpace:
         """Probabilities outside a model's grid: certain background."""
         return [1.0, 0.0, 0.0] if self.kind == "labels" else [0.0] * len(self.regions)
 
-    def decode_ensemble(self, members: list["Member"], target: Grid) -> np.ndarray:
-        """uint8 labels on `target` from the members' weighted mean probabilities, one output channel at a time
-        (each interpolated linearly onto `target` by its model's resampling rule, so that at most two channel-sized
-        float arrays exist): argmax over labels (first label on ties), or nnU-Net's region order (later regions
-        paint over earlier ones). A lone model with nnU-Net resampling is interpolated as nnU-Net does, in logit
-        space: log-probabilities (the logits less one value per voxel: the same argmax) or a sigmoid's logits."""
+
+@dataclass(frozen=True)
+class Ensemble:
+    """How a stage's models combine, fixed when the recipe loads: the output space, and whether its lone model is
+    restored in logit space (a lone model with nnU-Net resampling is interpolated as nnU-Net does: log-probabilities,
+    i.e. the logits less one value per voxel, the same argmax; or a sigmoid's logits). Ensembles average
+    probabilities."""
+
+    space: OutputSpace
+    in_logits: bool = False
+
+    @staticmethod
+    def for_models(models: tuple[ModelSpec, ...]) -> "Ensemble":
+        return Ensemble(OutputSpace.for_models(models), len(models) == 1 and models[0].resampling == "nnunet")
+
+    def member(self, spec: ModelSpec, probabilities_kzyx: np.ndarray, grid: Grid) -> "Member":
+        return Member(spec.weight, self.space.from_head(probabilities_kzyx, spec.head), grid, spec.resampling)
+
+    def _mean_channel(self, members: list["Member"], k: int, fill: float, target: Grid) -> np.ndarray:
+        """Output channel k's weighted mean over the members on `target` (in logit space for a lone nnU-Net
+        model), each member interpolated linearly by its model's resampling rule."""
+        to_logits = (_log_probability if self.space.kind == "labels" else _log_odds) if self.in_logits else None
         total_weight = sum(m.weight for m in members)
-        in_logits = len(members) == 1 and members[0].resampling == "nnunet"
-        to_logits = (_log_probability if self.kind == "labels" else _log_odds) if in_logits else None
+        channel = None
+        for member in members:
+            term = member.channel_on(k, target, fill, transform=to_logits)
+            term *= member.weight / total_weight
+            channel = term if channel is None else np.add(channel, term, out=channel)
+        return channel
+
+    def decode(self, members: list["Member"], target: Grid) -> np.ndarray:
+        """uint8 labels on `target` from the members' weighted mean, one output channel at a time (so that at most
+        two channel-sized float arrays exist): argmax over labels (first label on ties), or nnU-Net's region order
+        (later regions paint over earlier ones)."""
         labels = np.zeros(target.size_zyx, np.uint8)
         best = None
-        for k, fill in enumerate(self.fill_values()):
-            channel = None
-            for member in members:
-                term = member.channel_on(k, target, fill, transform=to_logits)
-                term *= member.weight / total_weight
-                channel = term if channel is None else np.add(channel, term, out=channel)
-            if self.kind == "regions":
-                labels[channel > (0.0 if in_logits else 0.5)] = self.region_labels[k]
+        for k, fill in enumerate(self.space.fill_values()):
+            channel = self._mean_channel(members, k, fill, target)
+            if self.space.kind == "regions":
+                labels[channel > (0.0 if self.in_logits else 0.5)] = self.space.region_labels[k]
             elif best is None:
                 best = channel
             else:
                 labels[channel > best] = LABELS[k]
                 np.maximum(best, channel, out=best)
         return labels
+
+    def probabilities(self, members: list["Member"], target: Grid) -> list[np.ndarray]:
+        """The per-label probabilities on `target` that `decode` decides on (labels space): the weighted mean of
+        probabilities, or for a lone nnU-Net model the softmax of its interpolated log-probabilities."""
+        channels = [self._mean_channel(members, k, fill, target) for k, fill in enumerate(self.space.fill_values())]
+        if not self.in_logits:
+            return channels
+        top = np.maximum.reduce(channels)
+        exps = [np.exp(c - top) for c in channels]
+        total = sum(exps)
+        return [(e / total).astype(np.float32, copy=False) for e in exps]
 
 
 @dataclass(frozen=True)

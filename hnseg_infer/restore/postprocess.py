@@ -26,9 +26,8 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_infer.errors import RecipeError
+from hnseg_infer.labels import GTVN, GTVP, LABEL_NAMES
 
-GTVP, GTVN = 1, 2
-LABEL_NAMES = {GTVP: "GTVp", GTVN: "GTVn"}
 _LABEL_KEYS = {"GTVp": GTVP, "GTVn": GTVN, "1": GTVP, "2": GTVN}
 CONFIG_KEYS = ("min_volume_mm3", "keep_largest_gtvp", "gtvn_max_distance_to_gtvp_mm")
 CONNECTIVITY = 26

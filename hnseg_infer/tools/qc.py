@@ -15,8 +15,6 @@ API (Figure + Agg canvas), with no pyplot state.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +27,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Polygon
 
-from hnseg_infer.errors import InputError, OutputError
+from hnseg_infer.errors import InputError
 from hnseg_infer.geometry.grid import IDENTITY, Box, Grid, sample, sample_labels
+from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.labels import LABEL_NAMES
 
-LABEL_NAMES = {1: "GTVp", 2: "GTVn"}
 MASK_COLOURS = {1: "#ff2020", 2: "#2080ff"}  # solid
 REFERENCE_COLOURS = {1: "#ffa000", 2: "#00d0c0"}  # dashed
 BOX_COLOURS = ("#00a000", "#6040ff", "#a05000", "#008080", "#808000", "#404040")  # none like a contour colour
@@ -253,22 +252,8 @@ def _check_grid(image: sitk.Image, ct_grid: Grid, role: str, *, path: Path | Non
 
 
 def _save_atomic(fig: Figure, out_png: Path) -> None:
-    out_png = Path(out_png)
-    try:
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=out_png.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {out_png}: {exc}; choose a QC picture path in a writable folder") from exc
-    os.close(fd)
-    try:
-        FigureCanvasAgg(fig).print_png(tmp)
-        os.replace(tmp, out_png)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {out_png}: {exc}; check that the output folder is writable") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out_png, lambda tmp: FigureCanvasAgg(fig).print_png(tmp),
+                 hint="choose a QC picture path in a writable folder")
 
 
 def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sitk.Image | None = None,

@@ -23,15 +23,17 @@ from pathlib import Path
 import cc3d
 import numpy as np
 
+from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.errors import OutputError, RecipeError
 from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.inference.runner import LoadedModel
+from hnseg_infer.inference.stochastic import tile_seed
 from hnseg_infer.io.images import Case, write_image_atomic
-from hnseg_infer.inference.stochastic import load_stochastic, tile_seed
-from hnseg_infer.channels.build import build_input, model_grid, predict_probabilities
-from hnseg_infer.report import LABEL_NAMES, RunReport
-from hnseg_infer.restore.ensemble import LABELS, Member, OutputSpace
-from hnseg_infer.uncertainty.config import UncertaintyConfig
+from hnseg_infer.labels import LABEL_NAMES, LABELS
+from hnseg_infer.report import RunReport
+from hnseg_infer.restore.ensemble import Ensemble
 from hnseg_infer.uncertainty import tta
+from hnseg_infer.uncertainty.config import UncertaintyConfig
 
 FILES = {"probabilities_gtvp.mha": ("probability", 1), "probabilities_gtvn.mha": ("probability", 2),
          "entropy.mha": ("entropy", None)}
@@ -72,11 +74,14 @@ def resolve(recipe, options: UncertaintyOptions) -> UncertaintyConfig:
                    passes=config.passes if options.passes is None else options.passes)
 
 
-def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid: Grid, roi_slices_zyx, folds: dict,
-             device: str, report: RunReport, clicks=None) -> UncertaintyMaps:
+def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid: Grid, roi_slices_zyx, models: dict,
+             ensemble: Ensemble, report: RunReport, clicks=None) -> UncertaintyMaps:
     """Run the passes over `stage`'s models and return the maps on `roi_grid` (the CT voxels in the ROI box).
-    `folds`: the plain sessions per model name (used when the dropout rate is 0)."""
-    runs = _stochastic_models(stage, config, device, report) if config.dropout_rate > 0 else None
+    `models`: the loaded models by name (inference/runner.py; their plain folds run when the dropout rate is 0);
+    `ensemble`: the stage's, so that the maps' probabilities are restored as the mask's are."""
+    loaded = [models[spec.name] for spec in stage.models]
+    if config.dropout_rate > 0:
+        _load_stochastic(loaded, report)
     grids = [model_grid(spec, roi_box, case.ct_grid) for spec in stage.models]
     totals = [None] * len(stage.models)
     draws, durations = [], []
@@ -89,25 +94,24 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
         start = time.perf_counter()
         draw = tta.draw(config.augmentations, np.random.default_rng([config.seed, p]))
         draws.append({"pass": p, **draw.to_dict()})
-        for m, (spec, grid) in enumerate(zip(stage.models, grids)):
-            folds_p = folds[spec.name] if runs is None else [
-                model.bind(config.dropout_rate, _seeds(config.seed, p, m, f))
-                for f, model in enumerate(runs[spec.name])]
-            probabilities = _one_pass(case, spec, grid, draw, folds_p, clicks=clicks,
+        for m, (model, grid) in enumerate(zip(loaded, grids)):
+            runs = None if config.dropout_rate == 0 else [
+                twin.bind(config.dropout_rate, _seeds(config.seed, p, m, f))
+                for f, twin in enumerate(model.stochastic())]
+            probabilities = _one_pass(case, model, grid, draw, runs, clicks=clicks,
                                       noise_rng=np.random.default_rng([config.seed, p, m, 1]))
             totals[m] = probabilities if totals[m] is None else np.add(totals[m], probabilities, out=totals[m])
         durations.append(time.perf_counter() - start)
     n_passes = len(durations)
-    space = OutputSpace.for_models(stage.models)
-    members = [Member(spec.weight, space.from_head(total / np.float32(n_passes), spec.head), grid, spec.resampling)
-               for spec, total, grid in zip(stage.models, totals, grids)]
-    probabilities = _ensemble_channels(members, roi_grid, space.fill_values())
+    members = [ensemble.member(model.spec, total / np.float32(n_passes), grid)
+               for model, total, grid in zip(loaded, totals, grids)]
+    probabilities = ensemble.probabilities(members, roi_grid)
     record = {"passes": n_passes, "passes_requested": config.passes, "seed": config.seed,
               "dropout_rate": config.dropout_rate, "augmentations_allowed": config.augmentations.to_dict(),
               "augmentations": draws, "stage": stage.name, "models": [spec.name for spec in stage.models],
               "mirroring": "off in the stochastic passes", "pass_s": [round(d, 3) for d in durations],
               "entropy": "natural log over background, GTVp, GTVn", "max_entropy": round(MAX_ENTROPY, 6)}
-    if runs is not None:
+    if config.dropout_rate > 0:
         record["stochastic_files"] = {spec.name: dict(zip((f.name for f in spec.stochastic_files),
                                                           spec.stochastic_sha256)) for spec in stage.models}
     return UncertaintyMaps(probabilities, predictive_entropy(probabilities), roi_slices_zyx, record)
@@ -117,19 +121,19 @@ def _seeds(seed: int, p: int, m: int, f: int):
     return lambda n: tile_seed(seed, p, m, f, n)
 
 
-def _stochastic_models(stage, config: UncertaintyConfig, device: str, report: RunReport) -> dict:
+def _load_stochastic(loaded: list[LoadedModel], report: RunReport) -> None:
+    """The stochastic twins, opened on the first uncertainty run of this Segmenter and kept for the next cases."""
     with report.stage("uncertainty: load_stochastic_models"):
-        runs = {spec.name: load_stochastic(spec.stochastic_files, spec.stochastic_sha256,
-                                           n_channels=len(spec.channels), n_outputs=spec.head.n_outputs,
-                                           device=device, name=spec.name) for spec in stage.models}
-    for line in sorted({line for models in runs.values() for model in models for line in model.fallbacks}):
+        twins = [twin for model in loaded for twin in model.stochastic()]
+    for line in sorted({line for twin in twins for line in twin.fallbacks}):
         report.fallback(line)
-    return runs
 
 
-def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, clicks, noise_rng) -> np.ndarray:
+def _one_pass(case: Case, model: LoadedModel, grid: Grid, draw: tta.Draw, runs, *, clicks,
+              noise_rng) -> np.ndarray:
     """One model's fold-averaged head probabilities [K, z, y, x] on `grid` for one pass: the augmentation, the
-    network (stochastic twins or plain folds, no mirroring), the inverse augmentation."""
+    network (stochastic twins `runs`, or the plain folds; no mirroring), the inverse augmentation."""
+    spec = model.spec
     pass_grid = tta.rotated_grid(grid, axis_zyx=draw.axis_zyx, degrees=draw.degrees) if draw.kind == "rotation" \
         else grid
     image = build_input(case, pass_grid, spec, clicks=clicks)
@@ -138,7 +142,7 @@ def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, clicks, no
                       std_fraction=draw.noise_std, rng=noise_rng)
     elif draw.kind == "flip":
         image = tta.flip(image, draw.axis_zyx)
-    probabilities = predict_probabilities(replace(spec, mirror_axes_zyx=()), folds, image)
+    probabilities = model.probabilities(image, runs=runs, mirror=False)
     del image
     if draw.kind == "flip":
         return tta.flip(probabilities, draw.axis_zyx)
@@ -146,19 +150,6 @@ def _one_pass(case: Case, spec, grid: Grid, draw: tta.Draw, folds, *, clicks, no
         fills = [1.0 if label == 0 else 0.0 for label in spec.head.labels]
         return tta.resample_back(probabilities, source=pass_grid, target=grid, fill_values=fills)
     return probabilities
-
-
-def _ensemble_channels(members: list[Member], target: Grid, fills: list[float]) -> list[np.ndarray]:
-    """Each output channel's weighted mean over the members, interpolated linearly onto `target` (decode_ensemble's
-    rule)."""
-    total_weight = sum(m.weight for m in members)
-    out = []
-    for k, fill in enumerate(fills):
-        channel = np.zeros(target.size_zyx, np.float32)
-        for member in members:
-            channel += member.channel_on(k, target, fill) * np.float32(member.weight / total_weight)
-        out.append(channel)
-    return out
 
 
 def predictive_entropy(probabilities: list[np.ndarray]) -> np.ndarray:
