@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-fast demo bench clean
 DEMO := demo-out
 
 venv: $(STAMP)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The edit loop: everything but the slow, torch and GPU tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not torch and not gpu"
 
 demo: $(STAMP)
 	rm -rf $(DEMO)

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from hnseg_infer.cli.main import main as hnseg_main  # noqa: E402
-from hnseg_infer.cli.main import run_one
+from hnseg_infer.cli.main import run_one  # noqa: E402
 from hnseg_infer.io.images import discover_inputs  # noqa: E402
 from hnseg_infer.tools.phantom import hecktor_acquisition, make_phantom, write_case  # noqa: E402
 

@@ -12,6 +12,8 @@ import onnx
 import SimpleITK as sitk
 from onnx import TensorProto, helper, numpy_helper
 
+from hnseg_infer.io.images import Case, detect_pet_unit
+
 
 def save_linear_model(path: Path, weight_kc, bias_k, *, fixed_patch_zyx=None) -> Path:
     """ONNX model: logits[k] = Σ_c weight[k, c]·x[c] + bias[k], voxel-wise (a 1×1×1 Conv), dynamic batch."""
@@ -98,3 +100,28 @@ def image_from_function(fn, *, size_xyz, spacing_xyz_mm, origin_xyz_mm, directio
     out = sitk.GetImageFromArray(values)
     out.CopyInformation(image)
     return out
+
+
+def make_case(ct, pet) -> Case:
+    """A Case straight from two images (what load_case makes of files), named ct.mha and pet.mha."""
+    return Case(ct, pet, ct_path=Path("ct.mha"), pet_path=Path("pet.mha"), pet_unit=detect_pet_unit(pet))
+
+
+def label_centroid_index_xyz(mask: sitk.Image, label: int) -> np.ndarray:
+    zyx = np.argwhere(sitk.GetArrayFromImage(mask) == label)
+    assert len(zyx), f"label {label} not found"
+    return zyx.mean(axis=0)[::-1]
+
+
+def torch_route_parser():
+    """As export/to_onnx.py builds the torch subcommand (it imports every route, some written elsewhere)."""
+    import argparse
+
+    from hnseg_export import from_torch
+
+    parser = argparse.ArgumentParser()
+    from_torch.add_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser

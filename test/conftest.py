@@ -10,6 +10,10 @@ from builders import image_from_function, write_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = REPO.parent / "shared" / "data" / "real-petct"
+GC_OUTPUT = Path("images/tumor-lymph-node-segmentation/output.mha")  # under --output, as grand-challenge reads it
+# make_phantom keywords for a small, fast phantom: a 510 mm field of view in few voxels
+SMALL_CT = {"ct_size_xy": 170, "ct_spacing_xyz_mm": (3.0, 3.0, 3.0)}
+SMALL_PHANTOM = {**SMALL_CT, "pet_spacing_xyz_mm": (5.0, 5.0, 5.0)}
 LESION_CENTER_XYZ_MM = np.array([6.0, -4.0, 12.0])
 LESION_RADIUS_MM = 7.0
 
@@ -57,3 +61,27 @@ def case_dir(tmp_path):
 @pytest.fixture
 def weights_dir(tmp_path):
     return write_weights(tmp_path / "weights")
+
+
+def run_process(input_dir, output_dir, weights_dir, report=None, *extra, env=None):
+    """process.py in a subprocess, as the container runs it (CPU); the CompletedProcess."""
+    import subprocess
+
+    cmd = [sys.executable, str(REPO / "process.py"), "--input", str(input_dir), "--output", str(output_dir),
+           "--weights", str(weights_dir), "--device", "cpu"]
+    if report is not None:
+        cmd += ["--report", str(report)]
+    return subprocess.run(cmd + list(extra), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def run_container(input_dir, output_dir, weights_dir, report, *extra) -> int:
+    """process.py's job in this process (container_main, CPU): the exit code."""
+    from hnseg_infer.cli.main import container_main
+
+    return container_main(["--input", str(input_dir), "--output", str(output_dir), "--weights", str(weights_dir),
+                           "--report", str(report), "--device", "cpu", *map(str, extra)])
+
+
+def files_under(folder) -> list[str]:
+    """Every path under `folder`, relative to it, sorted ([] when it does not exist)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []

@@ -6,23 +6,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import model_entry, oblique_direction, save_linear_model, signed_permutations, write_weights
+from builders import (
+    label_centroid_index_xyz,
+    make_case,
+    model_entry,
+    oblique_direction,
+    save_linear_model,
+    signed_permutations,
+    write_weights,
+)
 from conftest import LESION_CENTER_XYZ_MM, small_case
 
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.segmenter import Segmenter
-
-
-def make_case(ct, pet) -> Case:
-    return Case(ct, pet, ct_path=Path("ct.mha"), pet_path=Path("pet.mha"), pet_unit=detect_pet_unit(pet))
-
-
-def label_centroid_index_xyz(mask: sitk.Image, label: int) -> np.ndarray:
-    zyx = np.argwhere(sitk.GetArrayFromImage(mask) == label)
-    assert len(zyx), f"label {label} not found"
-    return zyx.mean(axis=0)[::-1]
 
 
 @pytest.fixture(scope="module")

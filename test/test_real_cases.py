@@ -9,11 +9,14 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import REAL_DATA, REPO
-from test_process import OUTPUT_RELATIVE, files_under, run_process
+from conftest import GC_OUTPUT, REAL_DATA, REPO, files_under, run_process
+
+OUTPUT_RELATIVE = str(GC_OUTPUT)
 
 sys.path.insert(0, str(REPO / "export"))
 import make_suv_baseline  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 CASES = sorted(p for p in REAL_DATA.glob("STS_*") if p.is_dir()) if REAL_DATA.is_dir() else []
 

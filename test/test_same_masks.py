@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO))
 from hnseg_infer.segmenter import Segmenter  # noqa: E402
 from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 GOLDEN = Path(__file__).parent / "golden_masks"
 MAX_DIFFERING_FRACTION = 1e-3
 OBLIQUE = (0.9848077530, -0.1736481777, 0.0, 0.1736481777, 0.9848077530, 0.0, 0.0, 0.0, 1.0)  # 10° about z

@@ -84,10 +84,6 @@ class SpectrumReference:
     low_frequency_dct: np.ndarray  # float64 [Z, B, B]
     grid_size_zyx: tuple[int, int, int]
 
-    @property
-    def block_size(self) -> int:
-        return int(self.low_frequency_dct.shape[1])
-
     def block_for(self, size_zyx, radius: int) -> tuple[np.ndarray, str | None]:
         """The [Z, r, r] block for a grid of `size_zyx` (r = radius, at most the slice size), and a note when the
         grid is not the reference's and the mapped block was used (see the module's docstring)."""

@@ -13,8 +13,9 @@ import numpy as np
 
 from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, harmonise, load_reference
 from hnseg_infer.errors import RecipeError
+from hnseg_infer.recipe.vocabulary import ChannelSource, values
 
-SOURCES = ("ct", "pet", "zero", "clicks_gtvp", "clicks_gtvn")  # clicks_*: the click prompts (clicks.py)
+SOURCES = values(ChannelSource)
 
 
 def _window(x, *, min, max, to):  # noqa: A002 - recipe key names
@@ -150,7 +151,3 @@ def apply_ops(x: np.ndarray, ops: tuple[dict, ...], *, suv_per_stored_value: flo
         else:
             x = OPS[op["op"]][0](x, **params)
     return np.asarray(x, dtype=np.float32)
-
-
-def needs_suv(ops: tuple[dict, ...]) -> bool:
-    return any(op["op"] == "suv" for op in ops)

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+SAME_GRID_TOLERANCE = 1e-4  # mm for spacing and origin, and for direction cosines (Grid.mismatch)
 
 
 def _direction_matrix(direction: tuple[float, ...]) -> np.ndarray:
@@ -115,10 +116,6 @@ class Grid:
         return self.size_xyz[::-1]
 
     @property
-    def n_voxels(self) -> int:
-        return int(np.prod(self.size_xyz))
-
-    @property
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing_xyz_mm))
 
@@ -154,11 +151,21 @@ class Grid:
         slices_zyx = tuple(slice(int(lo[a]), int(hi[a]) + 1) for a in (2, 1, 0))
         return sub, slices_zyx
 
-    def same_as(self, other: "Grid", *, tol: float = 1e-4) -> bool:
-        return (self.size_xyz == other.size_xyz
-                and np.allclose(self.spacing_xyz_mm, other.spacing_xyz_mm, atol=tol, rtol=0)
-                and np.allclose(self.origin_xyz_mm, other.origin_xyz_mm, atol=tol, rtol=0)
-                and np.allclose(self.direction, other.direction, atol=1e-6, rtol=0))
+    def mismatch(self, other: "Grid", *, tol: float = SAME_GRID_TOLERANCE) -> str | None:
+        """None when `other` is the same lattice: equal sizes, spacing and origin within `tol` mm, direction cosines
+        within `tol`; else the first difference, in words. The one same-grid rule: the output contract checks it
+        exactly (tol 0), the QC picture and the metrics with the default, which a float32 header round trip meets."""
+        fields = (("size", self.size_xyz, other.size_xyz, 0),
+                  ("spacing (mm)", self.spacing_xyz_mm, other.spacing_xyz_mm, tol),
+                  ("origin (mm)", self.origin_xyz_mm, other.origin_xyz_mm, tol),
+                  ("direction", self.direction, other.direction, tol))
+        for name, a, b, atol in fields:
+            if len(a) != len(b) or not np.allclose(a, b, atol=atol, rtol=0):
+                return f"{name} {list(a)} vs {list(b)} (tolerance {atol:g})"
+        return None
+
+    def same_as(self, other: "Grid", *, tol: float = SAME_GRID_TOLERANCE) -> bool:
+        return self.mismatch(other, tol=tol) is None
 
     def to_dict(self) -> dict:
         return {"size_xyz": list(self.size_xyz), "spacing_xyz_mm": [round(s, 6) for s in self.spacing_xyz_mm],

@@ -24,12 +24,13 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from hnseg_infer.errors import ModelError
+from hnseg_infer.recipe.vocabulary import Tiling, values
 
 RunBatch = Callable[[np.ndarray], np.ndarray]
 
 GAUSSIAN_PEAK = 10.0  # nnU-Net's value_scaling_factor: keeps the tails of the map far from float underflow
 MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map clamps its (peak 1) map to at least this
-TILINGS = ("nnunet", "monai")
+TILINGS = values(Tiling)
 
 
 def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch_zyx: Sequence[int],

@@ -232,7 +232,7 @@ def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
     values = set(np.unique(sitk.GetArrayViewFromImage(mask)).tolist())
     if not values <= LABEL_VALUES:
         raise OutputError(f"internal error: output mask holds values {sorted(values)}, expected a subset of {{0,1,2}}")
-    if not Grid.of(mask).same_as(ct_grid, tol=0.0):
+    if Grid.of(mask).mismatch(ct_grid, tol=0.0) is not None:
         raise OutputError(f"internal error: output grid {Grid.of(mask).to_dict()} differs from the CT grid "
                           f"{ct_grid.to_dict()}")
 

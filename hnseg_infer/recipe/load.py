@@ -16,27 +16,32 @@ from hnseg_infer.channels.intensity import SOURCES, validate_ops
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.io.atomic import file_sha256
+from hnseg_infer.recipe.vocabulary import (
+    ChannelSource,
+    FoldAverage,
+    GridSpacing,
+    HeadType,
+    Interpolation,
+    Orientation,
+    Resampling,
+    Restore,
+    Tiling,
+    values,
+)
 from hnseg_infer.restore.postprocess import PostprocessConfig
 from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, check_params
 from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse_stochastic_files, parse_uncertainty
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
-# Model grid axes: patient LPS axes; the CT's own axes (as nnU-Net, or MONAI without Orientationd, sees arrays); or
-# RAS axes, i.e. LPS with x and y flipped (as MONAI's Orientationd(axcodes="RAS") lays arrays out).
-ORIENTATIONS = ("lps", "ct", "ras")
-INTERPOLATIONS = ("linear", "bspline")
-RESAMPLINGS = ("direct", "nnunet")  # a model's path between the native images, its grid and the CT
-FOLD_AVERAGES = ("probabilities", "logits")
-GRID_SPACINGS = ("exact", "fit_roi")
-RESTORES = ("probabilities", "paste_nearest")  # a last stage's "restore"
-TILINGS = ("nnunet", "monai")  # the sliding window's tile placement and Gaussian: nnU-Net's or MONAI's
+ORIENTATIONS, INTERPOLATIONS, RESAMPLINGS = values(Orientation), values(Interpolation), values(Resampling)
+FOLD_AVERAGES, GRID_SPACINGS, RESTORES, TILINGS = values(FoldAverage), values(GridSpacing), values(Restore), values(Tiling)
 
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    source: str
-    interpolation: str
+    source: ChannelSource
+    interpolation: Interpolation
     ops: tuple[dict, ...]
     # nnU-Net normalises the native image and then resamples it: a clip before interpolation moves edges (air/body)
     # differently from one after it. True reproduces that order.
@@ -49,7 +54,7 @@ class HeadSpec:
     sigmoid: one output per region (`regions[k]` is the set of labels it covers); decoding paints, in order,
     `region_labels[k]` wherever region k's probability > 0.5, as nnU-Net's regions_class_order."""
 
-    type: str
+    type: HeadType
     labels: tuple[int, ...] = ()
     regions: tuple[tuple[int, ...], ...] = ()
     region_labels: tuple[int, ...] = ()
@@ -65,11 +70,11 @@ class ModelSpec:
     files: tuple[Path, ...]
     sha256: tuple[str, ...]
     spacing_xyz_mm: tuple[float, float, float]
-    orientation: str
+    orientation: Orientation
     patch_size_zyx: tuple[int, int, int]
     channels: tuple[ChannelSpec, ...]
     head: HeadSpec
-    fold_average: str
+    fold_average: FoldAverage
     step_fraction: float
     mirror_axes_zyx: tuple[int, ...]
     tile_batch: int
@@ -82,11 +87,11 @@ class ModelSpec:
     provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
     # "nnunet" tiles by step_fraction; "monai" by `overlap` (MONAI's sliding_window_inference parameter), which
     # only it takes.
-    tiling: str = "nnunet"
+    tiling: Tiling = Tiling.NNUNET
     overlap: float | None = None
     # "exact": the grid has spacing_xyz_mm exactly; "fit_roi": the voxel count is rounded and the spacing adjusted
     # so that the voxels fill the ROI box exactly (nnU-Net's resampling of a whole image).
-    grid_spacing: str = "exact"
+    grid_spacing: GridSpacing = GridSpacing.EXACT
     # Monte-Carlo dropout: one stochastic twin per fold (inference/stochastic.py), used only by uncertainty passes.
     stochastic_files: tuple[Path, ...] = ()
     stochastic_sha256: tuple[str, ...] = ()
@@ -94,8 +99,8 @@ class ModelSpec:
     # onto the CT. "nnunet": as nnUNetPredictor on a case whose channels are on the CT's voxels: the PET put there
     # first (by `pet_to_ct` interpolation, as the training data's conversion did), then nnU-Net's resampling rule
     # (grid.sample_nnunet) to the model grid and, linearly, back to the CT. Needs orientation "ct".
-    resampling: str = "direct"
-    pet_to_ct: str = "linear"
+    resampling: Resampling = Resampling.DIRECT
+    pet_to_ct: Interpolation = Interpolation.LINEAR
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class StageSpec:
     # How the last stage's labels reach the CT grid (RESTORES): probabilities interpolated onto the CT voxels then
     # decoded (restore/ensemble.py), or SNU's labels decoded on the model grid then nearest neighbour
     # (restore/paste_back.py).
-    restore: str = "probabilities"
+    restore: Restore = Restore.PROBABILITIES
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ def _channel(obj, where, folder: Path) -> ChannelSpec:
         raise RecipeError(f"{where}: op 'spectrum_swap' works on the model grid's slices (its reference was computed "
                           f"there); it cannot run before sampling: set ops_before_sampling false")
     r.done(keys)
-    return ChannelSpec(source, interpolation, ops, before)
+    return ChannelSpec(ChannelSource(source), Interpolation(interpolation), ops, before)
 
 
 def _head(obj, where) -> HeadSpec:
@@ -215,7 +220,7 @@ def _head(obj, where) -> HeadSpec:
             raise RecipeError(f"{where}: softmax 'labels' must be distinct values of {{0,1,2}} including 0, "
                               f"got {labels}")
         r.done(keys)
-        return HeadSpec("softmax", labels=labels)
+        return HeadSpec(HeadType.SOFTMAX, labels=labels)
     if kind == "sigmoid":
         regions = tuple(tuple(region) for region in r.take("regions", kind=list))
         region_labels = tuple(r.take("region_labels", kind=list))
@@ -224,7 +229,7 @@ def _head(obj, where) -> HeadSpec:
         if not all(set(region) <= {1, 2} and region for region in regions) or not set(region_labels) <= {1, 2}:
             raise RecipeError(f"{where}: regions must be non-empty sets of labels 1/2, got {regions}")
         r.done(keys)
-        return HeadSpec("sigmoid", regions=regions, region_labels=region_labels)
+        return HeadSpec(HeadType.SIGMOID, regions=regions, region_labels=region_labels)
     raise RecipeError(f"{where}: head type must be 'softmax' or 'sigmoid', got {kind!r}")
 
 
@@ -277,9 +282,10 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
                                         folder=folder)
     resampling, pet_to_ct = _resampling(r, where, orientation)
     r.done(keys)
-    return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, orientation, patch, channels, head,
-                     fold_average, step, mirror, tile_batch, gaussian, weight, transpose, provenance, tiling, overlap,
-                     grid_spacing, stochastic, tuple(file_sha256(f) for f in stochastic), resampling, pet_to_ct)
+    return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, Orientation(orientation), patch,
+                     channels, head, FoldAverage(fold_average), step, mirror, tile_batch, gaussian, weight, transpose,
+                     provenance, Tiling(tiling), overlap, GridSpacing(grid_spacing), stochastic,
+                     tuple(file_sha256(f) for f in stochastic), Resampling(resampling), Interpolation(pet_to_ct))
 
 
 def _resampling(r: _Reader, where: str, orientation: str) -> tuple[str, str]:
@@ -426,7 +432,7 @@ def _restore(r: _Reader, where: str, *, last: bool) -> str:
     restore = r.take("restore", default="probabilities", kind=str)
     if restore not in RESTORES:
         raise RecipeError(f"{where}: restore must be one of {RESTORES}, got {restore!r}")
-    return restore
+    return Restore(restore)
 
 
 def _check_references_fit(model: ModelSpec, roi: RoiSpec, where: str) -> None:

@@ -28,10 +28,6 @@ class OutputSpace:
             return OutputSpace("labels")
         return OutputSpace("regions", sigmoid[0].regions, sigmoid[0].region_labels)
 
-    @property
-    def n_channels(self) -> int:
-        return len(LABELS) if self.kind == "labels" else len(self.regions)
-
     def from_head(self, probabilities_kzyx: np.ndarray, head: HeadSpec) -> list[np.ndarray]:
         """A model's probabilities as this space's channels (views or sums, no copies of the whole stack)."""
         if head.type == "sigmoid":

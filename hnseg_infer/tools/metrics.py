@@ -33,7 +33,6 @@ NSD_TOLERANCE_MM = 2.0
 NSD_ROUNDING_MM = 1e-6
 HD_PERCENTILE = 95.0
 LESION_IOU_THRESHOLD = 0.3  # a match needs IoU strictly above this
-GRID_TOLERANCE = 1e-4
 MASK_SUFFIXES = (".nii.gz", ".mha", ".nii", ".nrrd")
 MAX_NAMES_SHOWN = 5
 
@@ -184,16 +183,10 @@ def evaluate_arrays(pred_zyx: np.ndarray, ref_zyx: np.ndarray, *, spacing_zyx_mm
 
 
 def check_same_grid(pred: Grid, ref: Grid, *, pred_path: Path, ref_path: Path) -> None:
-    """Size equal, spacing/origin/direction within GRID_TOLERANCE; else an InputError naming the first difference."""
-    fields = (("size", pred.size_xyz, ref.size_xyz, 0),
-              ("spacing (mm)", pred.spacing_xyz_mm, ref.spacing_xyz_mm, GRID_TOLERANCE),
-              ("origin (mm)", pred.origin_xyz_mm, ref.origin_xyz_mm, GRID_TOLERANCE),
-              ("direction", pred.direction, ref.direction, GRID_TOLERANCE))
-    for name, a, b, tol in fields:
-        if not np.allclose(a, b, atol=tol, rtol=0):
-            raise InputError(f"prediction {pred_path} and reference {ref_path} are on different grids: {name} "
-                             f"{list(a)} vs {list(b)} (tolerance {tol:g}): resample the prediction onto the "
-                             f"reference grid with nearest-neighbour interpolation")
+    """The same grid (Grid.mismatch); else an InputError naming both files and the first difference."""
+    if (difference := pred.mismatch(ref)) is not None:
+        raise InputError(f"prediction {pred_path} and reference {ref_path} are on different grids: {difference}: "
+                         f"resample the prediction onto the reference grid with nearest-neighbour interpolation")
 
 
 def label_array_zyx(image: sitk.Image, *, path: Path, role: str) -> np.ndarray:

@@ -240,11 +240,7 @@ def _title(*, case: str, mask_ml: dict, reference_ml: dict | None, centre: ViewC
 def _check_grid(image: sitk.Image, ct_grid: Grid, role: str, *, path: Path | None = None,
                 ct_path: Path | None = None) -> None:
     grid = Grid.of(image)
-    same = (grid.size_xyz == ct_grid.size_xyz
-            and np.allclose(grid.spacing_xyz_mm, ct_grid.spacing_xyz_mm, atol=1e-3, rtol=0)
-            and np.allclose(grid.origin_xyz_mm, ct_grid.origin_xyz_mm, atol=1e-3, rtol=0)
-            and np.allclose(grid.direction, ct_grid.direction, atol=1e-4, rtol=0))
-    if not same:
+    if grid.mismatch(ct_grid) is not None:
         named, ct_named = (f"{role} {path}" if path else f"the {role}"), (f"CT {ct_path}" if ct_path else "the CT")
         raise InputError(f"{named} is not on the grid of {ct_named} ({role} {grid.to_dict()}, CT "
                          f"{ct_grid.to_dict()}): pass the {role} made for this CT, or resample it onto the CT grid "

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from builders import model_entry, write_weights
-from conftest import small_case, write_gc_input
-from test_process import OUTPUT_RELATIVE, files_under, run_process
+from conftest import GC_OUTPUT, files_under, run_process, small_case, write_gc_input
+
+OUTPUT_RELATIVE = str(GC_OUTPUT)
 
 from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.cli.main import container_main, main
@@ -19,6 +20,8 @@ from hnseg_infer.geometry.grid import IDENTITY, Grid
 from hnseg_infer.io.images import load_case
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.roi.locate import locate_roi
+
+pytestmark = pytest.mark.torch
 
 # GTVp where the windowed CT > 0.05 (the lesion's 60 HU, not the body's 40 HU), whatever the PET channel holds
 CT_MODEL = {"weight": [[0, 0], [100.0, 0], [0, 0]], "bias": [0, -5.0, -100.0]}
@@ -182,7 +185,7 @@ def test_qc_picture_in_ct_only_mode_has_an_empty_pet_row(case_dir, ct_only_weigh
 
 def test_torch_route_writes_pet_optional_when_asked(tmp_path):
     import torch
-    from test_export_torch import _parser
+    from builders import torch_route_parser as _parser
 
     from hnseg_export import from_torch
 

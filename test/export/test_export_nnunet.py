@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builders import image_from_function  # noqa: E402
 from nnunet_folders import balance_classes, preprocessed, write_results_folder  # noqa: E402
 
@@ -28,6 +28,8 @@ from hnseg_infer.inference.onnx_engine import OnnxModel  # noqa: E402
 from hnseg_infer.inference.sliding_window import predict_sliding_window  # noqa: E402
 from hnseg_infer.recipe.load import load_recipe  # noqa: E402
 from hnseg_infer.segmenter import Segmenter  # noqa: E402
+
+pytestmark = pytest.mark.torch
 
 # A CT with permuted, flipped axes, anisotropic voxels and an offset origin; PET on the CT grid, as nnU-Net needs.
 CT_DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
@@ -262,7 +264,7 @@ def _edit_config(results: Path, **changes) -> None:
 
 
 def test_command_line_route_exports_and_fails_with_exit_2(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "export"))
     import to_onnx
 
     results = write_results_folder(tmp_path / "r", folds=(0,))

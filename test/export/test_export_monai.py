@@ -64,6 +64,8 @@ from monai.transforms import (  # noqa: E402
     Spacingd,
 )
 
+pytestmark = pytest.mark.torch
+
 torch.set_num_threads(2)
 TINY_NET = {"_target_": "SegResNetDS", "init_filters": 4, "blocks_down": [1, 1, 1], "norm": "INSTANCE_NVFUSER",
             "in_channels": "@input_channels", "out_channels": "@output_classes", "dsdepth": 2}

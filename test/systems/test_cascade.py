@@ -7,9 +7,15 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import PET_THRESHOLD_MODEL, model_entry, oblique_direction, save_linear_model
+from builders import (
+    PET_THRESHOLD_MODEL,
+    label_centroid_index_xyz,
+    make_case,
+    model_entry,
+    oblique_direction,
+    save_linear_model,
+)
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case
-from test_pipeline import label_centroid_index_xyz, make_case
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import Grid

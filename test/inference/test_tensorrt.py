@@ -26,7 +26,7 @@ import hnseg_infer.inference.tensorrt as trt
 from hnseg_infer.errors import ExportError, ModelError
 from hnseg_infer.inference.onnx_engine import CPU, CUDA, TENSORRT, OnnxModel
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 T4 = trt.Platform("Tesla T4", "7.5", "10.9.0")
 H100 = trt.Platform("NVIDIA H100 80GB HBM3", "9.0", "10.9.0")
 GPU_BUILD = [TENSORRT, CUDA, CPU]
@@ -360,6 +360,7 @@ _GPU_REASON = (f"needs an NVIDIA GPU, onnxruntime-gpu with {TENSORRT} and Tensor
                f"{'; '.join(_HERE.problems) or _HERE.describe()}")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not _CAN_BUILD, reason=_GPU_REASON)
 def test_build_then_run_then_refuse_on_this_gpu(weights, capsys):
     assert to_tensorrt.main([str(weights)]) == 0

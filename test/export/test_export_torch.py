@@ -10,12 +10,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from builders import torch_route_parser as _parser
 
 from hnseg_export import from_torch
 from hnseg_export.snu import SNUNet
 from hnseg_infer.errors import ExportError
 from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.recipe.load import load_recipe
+
+pytestmark = pytest.mark.torch
 
 MODULE = "hnseg_export.snu:SNUNet"
 KWARGS = {"base_features": 4, "depth": 3, "attention_features": 2, "blocks_per_level": 1}
@@ -46,16 +49,6 @@ def inputs(tmp_path_factory):
     spec = root / "spec.json"
     spec.write_text(json.dumps(SPEC))
     return {"root": root, "folds": [fold0, fold1], "spec": spec}
-
-
-def _parser() -> argparse.ArgumentParser:
-    """As export/to_onnx.py builds the torch subcommand (it imports every route, some written elsewhere)."""
-    parser = argparse.ArgumentParser()
-    from_torch.add_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--fp16", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
-    return parser
 
 
 def _argv(inputs, out: Path, *, state_dicts=None, **options) -> list[str]:
@@ -281,7 +274,7 @@ def test_command_line_exit_code(inputs, tmp_path, capsys):
     pytest.importorskip("hnseg_export.from_monai")
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "export" / "to_onnx.py"
+    path = Path(__file__).resolve().parents[2] / "export" / "to_onnx.py"
     spec = importlib.util.spec_from_file_location("to_onnx", path)
     to_onnx = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(to_onnx)

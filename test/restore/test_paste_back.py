@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from builders import model_entry, oblique_direction, write_weights
+from builders import make_case, model_entry, oblique_direction, write_weights
 from conftest import LESION_CENTER_XYZ_MM, LESION_RADIUS_MM, small_case, write_gc_input
-from test_pipeline import make_case
 
 from hnseg_infer.cli.main import main as hnseg_main
 from hnseg_infer.errors import InputError, RecipeError

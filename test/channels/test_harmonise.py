@@ -20,6 +20,8 @@ from hnseg_infer.channels.intensity import apply_ops, validate_ops
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.load import load_recipe
 
+pytestmark = pytest.mark.torch
+
 RNG = np.random.default_rng(7)
 SIZE_ZYX = (5, 24, 20)
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import REPO
+from conftest import REPO, SMALL_CT
 
 from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.channels.harmonise import swap_low_frequencies
@@ -30,8 +30,9 @@ import make_bigs2_random  # noqa: E402
 import make_harmonisation_reference  # noqa: E402
 import to_onnx  # noqa: E402
 
+pytestmark = pytest.mark.torch
+
 OUTPUT_RELATIVE = "images/tumor-lymph-node-segmentation/output.mha"
-SMALL_CT = {"ct_size_xy": 170, "ct_spacing_xyz_mm": (3.0, 3.0, 3.0)}  # a 510 mm field of view, few voxels
 
 
 def _images(case_dir):

@@ -9,13 +9,15 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import REPO
+from conftest import GC_OUTPUT, REPO, SMALL_PHANTOM, run_container
 
-from hnseg_infer.cli.main import container_main, main
+from hnseg_infer.cli.main import main
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.tools.phantom import make_phantom, write_case
 from hnseg_infer.uncertainty.passes import FILES
+
+pytestmark = pytest.mark.torch
 
 UNCERTAINTY = {"passes": 2, "dropout_rate": 0.05, "seed": 0,
                "augmentations": {"noise": {"std": 0.05}, "flip": {"axes_zyx": [0, 1, 2]},
@@ -36,8 +38,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     root = tmp_path_factory.mktemp("hn_uiseg_case")
-    phantom = make_phantom(seed=3, fov="head-neck", ct_spacing_xyz_mm=(3.0, 3.0, 3.0), ct_size_xy=170,
-                           pet_spacing_xyz_mm=(5.0, 5.0, 5.0))
+    phantom = make_phantom(seed=3, fov="head-neck", **SMALL_PHANTOM)
     write_case(phantom, root / "case")
     images = root / "case" / "input" / "images"
     return {"root": root, "input": root / "case" / "input", "phantom": phantom,
@@ -48,9 +49,8 @@ def case(tmp_path_factory):
 def run(weights, case):
     root = case["root"]
     out, report, maps = root / "output", root / "report.json", root / "maps"
-    code = container_main(["--input", str(case["input"]), "--output", str(out), "--weights", str(weights),
-                           "--report", str(report), "--uncertainty", str(maps), "--device", "cpu"])
-    return {"code": code, "output": out, "mask": out / "images" / "tumor-lymph-node-segmentation" / "output.mha",
+    code = run_container(case["input"], out, weights, report, "--uncertainty", maps)
+    return {"code": code, "output": out, "mask": out / GC_OUTPUT,
             "report": json.loads(report.read_text()), "maps": maps, "ct": sitk.ReadImage(str(case["ct"]))}
 
 
@@ -137,8 +137,7 @@ def test_the_report_summarises_the_passes_and_each_lesion(run):
 def test_ct_only_run_with_uncertainty(weights, case):
     root = case["root"]
     out, report, maps = root / "ct_only_out", root / "ct_only.json", root / "ct_only_maps"
-    code = container_main(["--input", str(case["input"]), "--output", str(out), "--weights", str(weights),
-                           "--report", str(report), "--uncertainty", str(maps), "--ct-only", "--device", "cpu"])
+    code = run_container(case["input"], out, weights, report, "--uncertainty", maps, "--ct-only")
     data = json.loads(report.read_text())
     assert code == 0 and data["ct_only"] and data["uncertainty"]["passes"] == 2
     entropy = sitk.ReadImage(str(maps / "entropy.mha"))

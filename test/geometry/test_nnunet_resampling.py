@@ -12,6 +12,8 @@ from scipy.ndimage import gaussian_filter
 
 from hnseg_infer.geometry.grid import Grid, lowres_axis, sample, sample_nnunet
 
+pytestmark = pytest.mark.torch
+
 DIRECTION = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # permuted and flipped axes
 
 

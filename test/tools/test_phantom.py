@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from builders import signed_permutations
+from conftest import SMALL_PHANTOM
 
 from hnseg_infer.cli.main import main
 from hnseg_infer.geometry.grid import Box, Grid
@@ -26,7 +27,7 @@ from hnseg_infer.tools.phantom import (
     write_case,
 )
 
-FAST = {"ct_spacing_xyz_mm": (3.0, 3.0, 3.0), "ct_size_xy": 170, "pet_spacing_xyz_mm": (5.0, 5.0, 5.0)}
+FAST = SMALL_PHANTOM
 SKULL_POINT_XYZ_MM = (64.0, 6.0, -80.0)  # between the brain (x ≤ 59 there) and the skull's outside (x ≤ 68)
 AIR_POINT_XYZ_MM = (0.0, -200.0, -80.0)  # in front of the face
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import REPO
+from conftest import GC_OUTPUT, REPO, SMALL_PHANTOM, run_container
 
-from hnseg_infer.cli.main import container_main
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.io.sidecar import redo_paste_back
 from hnseg_infer.recipe.load import load_recipe
 from hnseg_infer.tools.phantom import make_phantom, write_case
+
+pytestmark = pytest.mark.torch
 
 
 def _make_snu_random():
@@ -52,14 +53,12 @@ def test_the_exported_recipe_is_snus(snu_weights):
 @pytest.fixture(scope="module")
 def snu_run(snu_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("snu_case")
-    phantom = make_phantom(seed=3, fov="head-neck", ct_spacing_xyz_mm=(3.0, 3.0, 3.0), ct_size_xy=170,
-                           pet_spacing_xyz_mm=(5.0, 5.0, 5.0))
+    phantom = make_phantom(seed=3, fov="head-neck", **SMALL_PHANTOM)
     write_case(phantom, root / "case")
     out, report, sidecar = root / "output", root / "report.json", root / "side" / "case.json"
-    code = container_main(["--input", str(root / "case" / "input"), "--output", str(out), "--weights",
-                           str(snu_weights), "--report", str(report), "--sidecar", str(sidecar), "--device", "cpu"])
+    code = run_container(root / "case" / "input", out, snu_weights, report, "--sidecar", sidecar)
     ct_path = next((root / "case" / "input" / "images" / "ct").glob("*.mha"))
-    return {"code": code, "mask": out / "images" / "tumor-lymph-node-segmentation" / "output.mha",
+    return {"code": code, "mask": out / GC_OUTPUT,
             "report": json.loads(report.read_text()), "sidecar": sidecar, "ct": sitk.ReadImage(str(ct_path)),
             "output": out}
 

@@ -18,7 +18,9 @@ pytest.importorskip("monai")
 
 from hnseg_infer.recipe.load import load_recipe  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.torch
+
+ROOT = Path(__file__).resolve().parents[2]
 torch.set_num_threads(2)
 
 

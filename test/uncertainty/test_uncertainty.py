@@ -24,6 +24,8 @@ from hnseg_infer.uncertainty import tta
 from hnseg_infer.uncertainty.config import Augmentations, parse_uncertainty
 from hnseg_infer.uncertainty.passes import FILES, UncertaintyOptions, predictive_entropy, write_maps
 
+pytestmark = pytest.mark.torch
+
 ALL_AUGMENTATIONS = {"noise": {"std": 0.05}, "flip": {"axes_zyx": [0, 1, 2]}, "rotation": {"max_degrees": 5}}
 BLOCK = {"passes": 3, "dropout_rate": 0.2, "seed": 7, "augmentations": ALL_AUGMENTATIONS}
 
@@ -314,15 +316,12 @@ def test_augmentation_only_needs_no_twin(case, tmp_path):
 
 
 def test_uncertainty_cli_writes_three_files_beside_and_the_report(tmp_path, weights):
-    from conftest import write_gc_input
-
-    from hnseg_infer.cli.main import container_main
+    from conftest import run_container, write_gc_input
 
     ct, pet = small_case()
     root = write_gc_input(tmp_path / "input", ct, pet)
     out, report = tmp_path / "output", tmp_path / "report.json"
-    code = container_main(["--input", str(root), "--output", str(out), "--weights", str(weights), "--report",
-                           str(report), "--uncertainty", str(tmp_path / "maps"), "--uncertainty-seed", "3"])
+    code = run_container(root, out, weights, report, "--uncertainty", tmp_path / "maps", "--uncertainty-seed", 3)
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(FILES)
     assert [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()] == [
@@ -334,15 +333,13 @@ def test_uncertainty_cli_writes_three_files_beside_and_the_report(tmp_path, weig
 
 
 def test_unwritable_uncertainty_folder_is_an_error_and_leaves_no_mask(tmp_path, weights):
-    from conftest import write_gc_input
-
-    from hnseg_infer.cli.main import container_main
+    from conftest import run_container, write_gc_input
 
     ct, pet = small_case()
     root = write_gc_input(tmp_path / "input", ct, pet)
     (tmp_path / "file").write_text("x")
-    code = container_main(["--input", str(root), "--output", str(tmp_path / "output"), "--weights", str(weights),
-                           "--report", str(tmp_path / "r.json"), "--uncertainty", str(tmp_path / "file" / "maps")])
+    code = run_container(root, tmp_path / "output", weights, tmp_path / "r.json", "--uncertainty",
+                         tmp_path / "file" / "maps")
     assert code == 2
     assert not (tmp_path / "output").exists() or not any(p.is_file() for p in (tmp_path / "output").rglob("*"))
 

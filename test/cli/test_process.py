@@ -7,21 +7,9 @@ import sys
 
 import numpy as np
 import SimpleITK as sitk
-from conftest import REPO, small_case
+from conftest import GC_OUTPUT, REPO, files_under, run_process, small_case
 
-OUTPUT_RELATIVE = "images/tumor-lymph-node-segmentation/output.mha"
-
-
-def run_process(input_dir, output_dir, weights_dir, report=None, *extra, env=None):
-    cmd = [sys.executable, str(REPO / "process.py"), "--input", str(input_dir), "--output", str(output_dir),
-           "--weights", str(weights_dir), "--device", "cpu"]
-    if report is not None:
-        cmd += ["--report", str(report)]
-    return subprocess.run(cmd + list(extra), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-
-
-def files_under(folder):
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+OUTPUT_RELATIVE = str(GC_OUTPUT)
 
 
 def test_writes_the_mask_on_the_ct_grid_and_nothing_else(case_dir, weights_dir, tmp_path):
@@ -186,3 +174,15 @@ def test_bad_input_is_refused_cleanly(bad_input, case_dir, weights_dir, tmp_path
     assert BAD_INPUTS[bad_input] in lines[0], lines[0]
     assert "Traceback" not in result.stderr
     assert files_under(out) == []
+
+
+def test_the_container_path_imports_neither_matplotlib_nor_torch(case_dir, weights_dir, tmp_path):
+    """Heavy libraries stay off process.py's path: matplotlib only for --qc, torch never."""
+    code = ("import sys; from hnseg_infer.cli.main import container_main; "
+            f"rc = container_main(['--input', {str(case_dir)!r}, '--output', {str(tmp_path / 'out')!r}, "
+            f"'--weights', {str(weights_dir)!r}, '--report', {str(tmp_path / 'r.json')!r}, '--device', 'cpu']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch', 'nnunetv2', 'monai'})); "
+            "sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

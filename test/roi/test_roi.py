@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from builders import signed_permutations
-from conftest import REAL_DATA
+from conftest import REAL_DATA, SMALL_PHANTOM
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import IDENTITY, Grid
 from hnseg_infer.roi.locate import HEAD_CHECK, StageLabels, check_params, locate_roi
 from hnseg_infer.tools.phantom import BLADDER_CENTER_XYZ_MM, HEART_CENTER_XYZ_MM, make_phantom
 
-FAST = {"ct_spacing_xyz_mm": (3.0, 3.0, 3.0), "ct_size_xy": 170, "pet_spacing_xyz_mm": (5.0, 5.0, 5.0)}
+FAST = SMALL_PHANTOM
 HEAD_METHODS = ["brain_peak_head_crop", "pet_threshold_head_neck_box"]
 ORIENTATIONS = ["".join(p) for axes in permutations(("RL", "AP", "SI")) for p in product(*axes)]  # all 48
 REAL_CASES = sorted(p for p in REAL_DATA.glob("STS_*") if p.is_dir()) if REAL_DATA.is_dir() else []

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from hnseg_export.onnx_export import export_onnx, proof_input, run_onnx
 from hnseg_export.snu import PSAM, ConvSENorm, SENorm, SNUNet
 
+pytestmark = pytest.mark.torch
+
 TINY = {"base_features": 4, "depth": 3, "attention_features": 3, "blocks_per_level": 1}
 
 
