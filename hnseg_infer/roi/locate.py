@@ -16,7 +16,9 @@ falls back to a box of its own size centred on the CT/PET overlap, intersected w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import cc3d
 import numpy as np
@@ -32,22 +34,6 @@ RAY_SPACING_MM = 2.0  # CT sampling along the skull rays (a 5 mm skull still sho
 HEAD_CHECK = {"brain_suv": 3.0, "min_volume_ml": 200.0, "min_width_mm": 90.0, "search_depth_mm": 300.0,
               "bone_hu": 250.0, "air_hu": -400.0, "n_rays": 16, "ray_length_mm": 160.0, "min_skull_fraction": 0.7}
 
-DEFAULTS = {
-    "brain_peak_head_crop": {"uptake_threshold_suv": 0.5, "slab_slices": 20, "window_xy_mm": 256.0, "n_slices": 112,
-                             "slice_mm": 3.0, "top_mean_threshold": 0.1, "peak_index_max": 50},
-    "pet_threshold_head_neck_box": {"threshold_suv": 1.0, "superior_slab_mm": 50.0, "size_mm": [200.0, 200.0, 310.0],
-                                    "margin_above_mm": 10.0},
-    "ct_extent": {},
-    "ct_top": {"size_mm": [512.0, 512.0, 384.0]},
-    "labels_bbox": {"margin_mm": 10.0},
-    "labels_centroid_cube": {"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop",
-                             "contain_labels": False},
-}
-NEEDS_PREVIOUS_STAGE = ("labels_bbox", "labels_centroid_cube")
-# Methods that find the head on the PET. In CT-only mode (no PET) they give a box of their own size whose top is
-# the CT's top, centred in-plane on the CT, as `ct_top` does, and say so.
-NEEDS_PET = ("brain_peak_head_crop", "pet_threshold_head_neck_box")
-IMAGE_METHODS = tuple(m for m in DEFAULTS if m not in NEEDS_PREVIOUS_STAGE)
 POSITIVE_KEYS = {"slab_slices", "window_xy_mm", "n_slices", "slice_mm", "superior_slab_mm"}
 NON_NEGATIVE_KEYS = {"margin_mm"}
 
@@ -100,23 +86,19 @@ def _check_value(method: str, key: str, value, default):
 
 def check_params(method: str, params: dict) -> dict:
     """The method's parameters with defaults filled; RecipeError for an unknown method or key or a bad value."""
-    if method not in DEFAULTS:
-        raise RecipeError(f"unknown ROI method {method!r}; known methods: {', '.join(DEFAULTS)}")
-    if unknown := set(params) - set(DEFAULTS[method]):
+    if method not in METHODS:
+        raise RecipeError(f"unknown ROI method {method!r}; known methods: {', '.join(METHODS)}")
+    defaults = METHODS[method].defaults
+    if unknown := set(params) - set(defaults):
         raise RecipeError(f"ROI method {method!r}: unknown key(s) {sorted(unknown)}; allowed keys: "
-                          f"{sorted(DEFAULTS[method])}")
-    return {key: _check_value(method, key, params.get(key, default), default)
-            for key, default in DEFAULTS[method].items()}
+                          f"{sorted(defaults)}")
+    return {key: _check_value(method, key, params.get(key, default), default) for key, default in defaults.items()}
 
 
 def box_size_mm(method: str, params: dict) -> tuple[float, float, float] | None:
     """The box size (x, y, z mm) a method always gives when it finds its anatomy (checked `params`); None for
     methods whose box size depends on the images or labels."""
-    if method == "brain_peak_head_crop":
-        return (params["window_xy_mm"], params["window_xy_mm"], params["n_slices"] * params["slice_mm"])
-    if method in ("pet_threshold_head_neck_box", "ct_top", "labels_centroid_cube"):
-        return tuple(params["size_mm"])
-    return None
+    return METHODS[method].fixed_size_mm(params)
 
 
 # ------------------------------------------------------------------------------------------------ the PET view
@@ -409,25 +391,61 @@ def ct_only_box(method: str, ct: sitk.Image, p: dict) -> RoiResult:
     return RoiResult(found.box, method, True, record, (warning,))
 
 
+# ------------------------------------------------------------------------------------------------ the registry
+
+@dataclass(frozen=True)
+class RoiMethod:
+    """One ROI method: its parameters' defaults (each also the kind of value it takes), what it needs, the box size
+    it always gives when it finds its anatomy (None: the size depends on the images or labels), and how it finds its
+    box: `find(ct, pet, suv_per_stored_value, previous, params)`."""
+
+    name: str
+    defaults: Mapping[str, object]
+    find: Callable[..., RoiResult]
+    needs_pet: bool = False  # finds the head on the PET: CT-only mode uses `ct_only_box`
+    needs_previous: bool = False  # reads the labels of the cascade stage before
+    fixed_size_mm: Callable[[dict], tuple[float, float, float] | None] = lambda p: None
+
+
+def _size(p: dict) -> tuple[float, float, float]:
+    return tuple(p["size_mm"])
+
+
+METHODS: dict[str, RoiMethod] = {m.name: m for m in (
+    RoiMethod("brain_peak_head_crop",
+              MappingProxyType({"uptake_threshold_suv": 0.5, "slab_slices": 20, "window_xy_mm": 256.0,
+                                "n_slices": 112, "slice_mm": 3.0, "top_mean_threshold": 0.1, "peak_index_max": 50}),
+              lambda ct, pet, suv, previous, p: brain_peak_head_crop(ct, pet, suv, p), needs_pet=True,
+              fixed_size_mm=lambda p: (p["window_xy_mm"], p["window_xy_mm"], p["n_slices"] * p["slice_mm"])),
+    RoiMethod("pet_threshold_head_neck_box",
+              MappingProxyType({"threshold_suv": 1.0, "superior_slab_mm": 50.0, "size_mm": [200.0, 200.0, 310.0],
+                                "margin_above_mm": 10.0}),
+              lambda ct, pet, suv, previous, p: pet_threshold_head_neck_box(ct, pet, suv, p), needs_pet=True,
+              fixed_size_mm=_size),
+    RoiMethod("ct_extent", MappingProxyType({}), lambda ct, pet, suv, previous, p: ct_extent(ct, pet)),
+    RoiMethod("ct_top", MappingProxyType({"size_mm": [512.0, 512.0, 384.0]}),
+              lambda ct, pet, suv, previous, p: ct_top(ct, p), fixed_size_mm=_size),
+    RoiMethod("labels_bbox", MappingProxyType({"margin_mm": 10.0}),
+              lambda ct, pet, suv, previous, p: labels_bbox(previous, p), needs_previous=True),
+    RoiMethod("labels_centroid_cube",
+              MappingProxyType({"size_mm": [144.0, 144.0, 144.0], "fallback": "brain_peak_head_crop",
+                                "contain_labels": False}),
+              labels_centroid_cube, needs_previous=True, fixed_size_mm=_size),
+)}
+NEEDS_PREVIOUS_STAGE = tuple(name for name, m in METHODS.items() if m.needs_previous)
+NEEDS_PET = tuple(name for name, m in METHODS.items() if m.needs_pet)
+IMAGE_METHODS = tuple(name for name, m in METHODS.items() if not m.needs_previous)
+
+
 def locate_roi(method: str, *, ct: sitk.Image, pet: sitk.Image | None, suv_per_stored_value: float, params: dict,
                previous: StageLabels | None = None) -> RoiResult:
     """The ROI box (physical, LPS-aligned) of a recipe's ROI method; `params` are checked and defaults filled.
     The `labels_*` methods read `previous`, the labels of the cascade stage before. Without a PET (CT-only mode)
     the PET methods give `ct_only_box`."""
     p = check_params(method, params)
-    if method in NEEDS_PREVIOUS_STAGE and previous is None:
+    if METHODS[method].needs_previous and previous is None:
         raise RecipeError(f"ROI method {method!r} needs the labels of a previous cascade stage; use it in a later "
                           f"stage, not the first")
-    if pet is None and method in NEEDS_PET:
+    if pet is None and METHODS[method].needs_pet:
         return ct_only_box(method, ct, p)
-    if method == "brain_peak_head_crop":
-        return brain_peak_head_crop(ct, pet, suv_per_stored_value, p)
-    if method == "pet_threshold_head_neck_box":
-        return pet_threshold_head_neck_box(ct, pet, suv_per_stored_value, p)
-    if method == "ct_top":
-        return ct_top(ct, p)
-    if method == "labels_bbox":
-        return labels_bbox(previous, p)
-    if method == "labels_centroid_cube":
-        return labels_centroid_cube(ct, pet, suv_per_stored_value, previous, p)
-    return ct_extent(ct, pet)
+    return METHODS[method].find(ct, pet, suv_per_stored_value, previous, p)
