@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     (spec,) = [m for m in load_recipe(args.weights).models if m.name == args.model]
     model = LoadedModel.load(spec, device="cpu")
     predictor = make_predictor(args.results)
-    predictor.use_mirroring = bool(spec.mirror_axes_zyx)
-    pet_to_ct = args.pet_to_ct or spec.pet_to_ct
+    predictor.use_mirroring = bool(spec.tiling.mirror_axes_zyx)
+    pet_to_ct = args.pet_to_ct or spec.grid.pet_to_ct
     rows, totals = [], {1: [0, 0, 0], 2: [0, 0, 0]}
     for report_path in sorted((args.work / "pred").glob("*.report.json"))[:args.cases]:
         name = report_path.name.removesuffix(".report.json")

@@ -30,11 +30,19 @@ from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail, InvalidArg
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from scipy.ndimage import zoom
 
-from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
 from hnseg_infer.errors import ExportError, HnsegError
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
+from hnseg_infer.inference.tensorrt import (
+    CONTEXT_MODEL,
+    STAMP_FILE,
+    TENSORRT,
+    EngineStamp,
+    Platform,
+    engine_dir,
+    probe_platform,
+)
 from hnseg_infer.io.atomic import file_sha256
 from hnseg_infer.recipe.load import ModelSpec, load_recipe
-from hnseg_infer.inference.tensorrt import CONTEXT_MODEL, STAMP_FILE, TENSORRT, EngineStamp, Platform, engine_dir, probe_platform
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # The fp16 bar of the exports (hnseg_infer.inference.agreement): an fp16 engine against the fp32 ONNX on CUDA.
@@ -84,13 +92,13 @@ def _install(moves: list[tuple[Path, Path]]) -> None:
 def profile_shapes(session: ort.InferenceSession, spec: ModelSpec, path: Path) -> dict[str, list[int]]:
     """min/opt/max [N, C, *patch] of the model's input: batch 1 … tile_batch (a fixed batch stays fixed)."""
     declared = list(session.get_inputs()[0].shape)
-    wanted = [None, len(spec.channels), *spec.patch_size_zyx]
+    wanted = [None, len(spec.channels), *spec.tiling.patch_size_zyx]
     for axis, (have, want) in enumerate(zip(declared[1:], wanted[1:]), start=1):
         if isinstance(have, int) and have > 0 and have != want:
             raise ExportError(f"{path}: input axis {axis} is fixed to {have} but the recipe's model {spec.name!r} "
                               f"gives {want} (channels, patch_size_zyx): fix the recipe or re-export the model")
     fixed_batch = declared[0] if isinstance(declared[0], int) and declared[0] > 0 else None
-    low, high = (fixed_batch, fixed_batch) if fixed_batch else (1, spec.tile_batch)
+    low, high = (fixed_batch, fixed_batch) if fixed_batch else (1, spec.tiling.tile_batch)
     return {"min": [low, *wanted[1:]], "opt": [high, *wanted[1:]], "max": [high, *wanted[1:]]}
 
 

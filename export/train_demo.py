@@ -43,7 +43,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +52,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
 from hnseg_infer.geometry.grid import Box, Grid, sample_labels  # noqa: E402
 from hnseg_infer.io.images import Case, detect_pet_unit  # noqa: E402
-from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
-from hnseg_infer.recipe.load import ChannelSpec, load_recipe  # noqa: E402
+from hnseg_infer.recipe.load import ChannelSpec, GridSpec, load_recipe  # noqa: E402
+from hnseg_infer.recipe.vocabulary import GridSpacing, Interpolation, Orientation, Resampling  # noqa: E402
 from hnseg_infer.roi.locate import StageLabels, locate_roi  # noqa: E402
 
 TRAIN_SEEDS = range(1000, 2000)  # 0-999: evaluation and the demo
@@ -118,6 +119,12 @@ class ModelPlan:
         return "nnunet" if self.route == "nnunet" else "direct"
 
     pet_to_ct = "linear"  # nnU-Net resampling: the PET put on the CT's voxels first, as the export's default says
+
+    @property
+    def grid(self) -> GridSpec:
+        """The model grid as the exported recipe's entry will say (what model_grid and build_input read)."""
+        return GridSpec(tuple(self.spacing_xyz_mm), Orientation(self.orientation), GridSpacing(self.grid_spacing),
+                        tuple(self.transpose_forward), Resampling(self.resampling), Interpolation(self.pet_to_ct))
 
     @property
     def channels(self) -> tuple[ChannelSpec, ...]:
@@ -556,10 +563,10 @@ def _check_recipe_matches(plan: ModelPlan, folder: Path) -> None:
             "grid_spacing": plan.grid_spacing, "transpose_forward": tuple(plan.transpose_forward),
             "patch_size_zyx": tuple(plan.patch), "head": tuple(plan.labels),
             "resampling": (plan.resampling, plan.pet_to_ct)}
-    got = {"spacing_xyz_mm": tuple(spec.spacing_xyz_mm), "orientation": spec.orientation,
-           "grid_spacing": spec.grid_spacing, "transpose_forward": tuple(spec.transpose_forward),
-           "patch_size_zyx": tuple(spec.patch_size_zyx), "head": tuple(spec.head.labels),
-           "resampling": (spec.resampling, spec.pet_to_ct)}
+    got = {"spacing_xyz_mm": tuple(spec.grid.spacing_xyz_mm), "orientation": spec.grid.orientation,
+           "grid_spacing": spec.grid.grid_spacing, "transpose_forward": tuple(spec.grid.transpose_forward),
+           "patch_size_zyx": tuple(spec.tiling.patch_size_zyx), "head": tuple(spec.head.labels),
+           "resampling": (spec.grid.resampling, spec.grid.pet_to_ct)}
     differ = [f"{key}: trained {want[key]}, recipe {got[key]}" for key in want
               if (not np.allclose(want[key], got[key], rtol=0, atol=1e-9) if key == "spacing_xyz_mm"
                   else want[key] != got[key])]

@@ -91,11 +91,12 @@ def export(args) -> Path:
               "torch": torch.__version__}
     n_channels = len(model.channels)
     with staged_weights(args.out, overwrite=args.overwrite) as staging:
-        files, provenance = export_folds(networks, staging, n_channels=n_channels, patch_zyx=model.patch_size_zyx,
+        files, provenance = export_folds(networks, staging, n_channels=n_channels,
+                                         patch_zyx=model.tiling.patch_size_zyx,
                                          head=model.head.type, fp16=args.fp16, source=source)
         for file in files:
             _check_outputs(staging / file, model.head.n_outputs, n_channels=n_channels,
-                           patch_zyx=model.patch_size_zyx, module=args.module, spec_path=args.model_spec)
+                           patch_zyx=model.tiling.patch_size_zyx, module=args.module, spec_path=args.model_spec)
         twins = add_stochastic_twins(uncertainty, networks, staging, model=model, module=args.module)
         if twins:
             provenance["stochastic"] = twins.pop("stochastic_provenance")

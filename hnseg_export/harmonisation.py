@@ -22,7 +22,7 @@ from hnseg_infer.errors import ExportError, HnsegError
 from hnseg_infer.geometry.grid import Box, Grid, sample
 from hnseg_infer.io.atomic import file_sha256, write_atomic
 from hnseg_infer.io.images import FILL_VALUE, load_case
-from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, load_recipe
+from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, load_recipe, parse_recipe
 from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, locate_roi
 
 
@@ -95,13 +95,13 @@ def _target(stages: tuple[StageSpec, ...], model: str | None, weights: Path) -> 
 def _check_size(grid: Grid, spec: ModelSpec, stage: StageSpec) -> None:
     """The grid must be the one the recipe declares for a fixed-size ROI (the loader checks the same)."""
     size_mm = box_size_mm(stage.roi.method, stage.roi.params)
-    if size_mm is None or spec.orientation == "ct":
+    if size_mm is None or spec.grid.orientation == "ct":
         return
-    expected = Grid.covering(Box((0.0, 0.0, 0.0), size_mm), spec.spacing_xyz_mm,
-                             fit_box=spec.grid_spacing == "fit_roi").size_zyx
+    expected = Grid.covering(Box((0.0, 0.0, 0.0), size_mm), spec.grid.spacing_xyz_mm,
+                             fit_box=spec.grid.grid_spacing == "fit_roi").size_zyx
     if tuple(grid.size_zyx) != tuple(expected):
         raise ExportError(f"the reference's model grid is {list(grid.size_zyx)} (z, y, x) but the recipe's ROI "
-                          f"{list(size_mm)} mm at {list(spec.spacing_xyz_mm)} mm gives {list(expected)}")
+                          f"{list(size_mm)} mm at {list(spec.grid.spacing_xyz_mm)} mm gives {list(expected)}")
 
 
 def _write(weights: Path, file_name: str, block, size_zyx, *, stage: StageSpec, spec: ModelSpec,
@@ -121,7 +121,8 @@ def _write(weights: Path, file_name: str, block, size_zyx, *, stage: StageSpec, 
     entry.setdefault("provenance", {})["harmonisation"] = record
     save_reference(reference_path, block, size_zyx)
     try:
-        _write_text_atomic(recipe_path, json.dumps(raw, indent=2) + "\n")
+        recipe = parse_recipe(raw, recipe_path)  # written by the runtime's own writer, then read back
+        _write_text_atomic(recipe_path, json.dumps(recipe.to_json(), indent=2) + "\n")
         load_recipe(weights)
     except (HnsegError, OSError) as error:
         _write_text_atomic(recipe_path, old_recipe)

@@ -22,7 +22,8 @@ from hnseg_infer.inference.agreement import (
     TOLERANCE_FP32,
     compare_logits,
 )
-from hnseg_infer.recipe.load import RECIPE_FILE, SCHEMA_VERSION, load_recipe
+from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.recipe.load import RECIPE_FILE, SCHEMA_VERSION, load_recipe, parse_recipe
 from hnseg_infer.restore.postprocess import PostprocessConfig
 from hnseg_infer.roi.locate import check_params
 
@@ -225,18 +226,21 @@ def load_strictly(network: torch.nn.Module, state_dict: dict, *, source: str, fi
 def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models: list[dict],
                  postprocess: dict, restore: str = "probabilities", uncertainty: dict | None = None,
                  pet_optional: bool = False) -> Path:
-    """recipe.json in `folder`, then read back through hnseg_infer's own validator: a recipe that the runtime
-    would refuse fails the export instead. `restore` and `pet_optional` are written only when not the default."""
-    recipe = {"schema_version": SCHEMA_VERSION, "name": name, "description": description,
-              **({"pet_optional": True} if pet_optional else {}), "roi": roi,
-              "models": models, "postprocess": postprocess,
-              **({"restore": restore} if restore != "probabilities" else {}),
-              **({"uncertainty": uncertainty} if uncertainty is not None else {})}
+    """recipe.json in `folder`, through hnseg_infer's own validator and writer: the entries are parsed into a
+    Recipe (a recipe that the runtime would refuse fails the export instead) and written by Recipe.to_json, every
+    default spelled out, then read back."""
+    raw = {"schema_version": SCHEMA_VERSION, "name": name, "description": description, "pet_optional": pet_optional,
+           "roi": roi, "models": models, "postprocess": postprocess, "restore": restore,
+           **({"uncertainty": uncertainty} if uncertainty is not None else {})}
     path = Path(folder) / RECIPE_FILE
-    path.write_text(json.dumps(recipe, indent=2) + "\n")
     try:
-        load_recipe(folder)
+        recipe = parse_recipe(raw, path)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(recipe.to_json(), indent=2) + "\n"))
+        written = load_recipe(folder)
     except HnsegError as error:
         raise ExportError(f"the recipe written for {name!r} does not validate ({error}); this is a bug in the "
                           f"export route") from error
+    if written != recipe:
+        raise ExportError(f"the recipe written for {name!r} reads back differently from what was parsed; this is a "
+                          f"bug in Recipe.to_json")
     return path

@@ -186,6 +186,6 @@ def add_stochastic_twins(block: dict | None, networks: dict[str, torch.nn.Module
     if block is None or block["dropout_rate"] == 0:
         return {}
     files, provenance = export_stochastic_folds(networks, staging, n_channels=len(model.channels),
-                                                patch_zyx=model.patch_size_zyx, head=model.head.type,
+                                                patch_zyx=model.tiling.patch_size_zyx, head=model.head.type,
                                                 rate=float(block["dropout_rate"]), module=module)
     return {"stochastic_files": files, "stochastic_provenance": provenance}

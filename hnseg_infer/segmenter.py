@@ -202,8 +202,8 @@ class Segmenter:
             del image_czyx
             members.append(ensemble.member(spec, probabilities, grid))
             records.append({"name": spec.name, "grid": grid.to_dict(), "folds": len(spec.files),
-                            "patch_size_zyx": list(spec.patch_size_zyx),
-                            "mirror_axes_zyx": list(spec.mirror_axes_zyx)})
+                            "patch_size_zyx": list(spec.tiling.patch_size_zyx),
+                            "mirror_axes_zyx": list(spec.tiling.mirror_axes_zyx)})
         report.stage_record(stage.name)["models"] = records
         return members
 

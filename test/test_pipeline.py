@@ -19,7 +19,7 @@ from conftest import LESION_CENTER_XYZ_MM, small_case
 
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
-from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.recipe.load import GridSpec, load_recipe
 from hnseg_infer.segmenter import Segmenter
 
 
@@ -103,8 +103,8 @@ def test_ops_before_sampling_clip_the_native_voxels_first(direction):
     case = Case(ct, ct, Path("ct.mha"), Path("pet.mha"), detect_pet_unit(ct))
     clip = ({"op": "clip", "min": -150.0, "max": 250.0},)
 
-    class Spec:  # build_input reads only the resampling and the channels
-        resampling = "direct"
+    class Spec:  # build_input reads only the grid's resampling and the channels
+        grid = GridSpec((1.0, 1.0, 1.0))
         channels = (ChannelSpec("ct", "linear", clip, ops_before_sampling=True), ChannelSpec("ct", "linear", clip))
 
     before, after = build_input(case, grid, Spec).reshape(2)

@@ -19,8 +19,8 @@ RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # grid axes towards Right
 def model_grid(spec: ModelSpec, roi_box: Box, ct_grid: Grid) -> Grid:
     """The model's voxel grid: the ROI box at the model's spacing, along LPS axes, along RAS axes (MONAI's
     Orientationd(axcodes="RAS")) or along the CT's own axes."""
-    frame = {"lps": IDENTITY, "ras": RAS, "ct": ct_grid.direction}[spec.orientation]
-    return Grid.covering(roi_box.in_frame(frame), spec.spacing_xyz_mm, fit_box=spec.grid_spacing == "fit_roi")
+    frame = {"lps": IDENTITY, "ras": RAS, "ct": ct_grid.direction}[spec.grid.orientation]
+    return Grid.covering(roi_box.in_frame(frame), spec.grid.spacing_xyz_mm, fit_box=spec.grid.grid_spacing == "fit_roi")
 
 
 def build_input(case: Case, grid: Grid, spec: ModelSpec, *, clicks: Clicks | None = None) -> np.ndarray:
@@ -28,7 +28,7 @@ def build_input(case: Case, grid: Grid, spec: ModelSpec, *, clicks: Clicks | Non
     says, before) sampling. "direct" resampling samples the native CT and PET; "nnunet" resampling samples both
     from the CT's voxels by nnU-Net's rule. In CT-only mode every PET channel is zeros (no ops), as CT-only models
     are trained."""
-    nnunet = spec.resampling == "nnunet"
+    nnunet = spec.grid.resampling == "nnunet"
     images = _on_ct_voxels(case, grid, spec) if nnunet else {"ct": case.ct, "pet": case.pet}
     resample = sample_nnunet if nnunet else sample
     sampled: dict[tuple[str, str], np.ndarray] = {}  # the same source/interpolation is sampled once per model
@@ -59,7 +59,7 @@ def _on_ct_voxels(case: Case, grid: Grid, spec: ModelSpec) -> dict[str, sitk.Ima
     ct = _around(case.ct, grid)
     images = {"ct": ct}
     if not case.ct_only and any(channel.source == "pet" for channel in spec.channels):
-        images["pet"] = sitk.Resample(case.pet, ct, sitk.Transform(), INTERPOLATORS[spec.pet_to_ct],
+        images["pet"] = sitk.Resample(case.pet, ct, sitk.Transform(), INTERPOLATORS[spec.grid.pet_to_ct],
                                       FILL_VALUE["pet"], sitk.sitkFloat32)
     return images
 

@@ -30,7 +30,7 @@ report says so: slices paired by relative position (nearest row) and the coeffic
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ class SpectrumReference:
 
     path: Path
     sha256: str
-    low_frequency_dct: np.ndarray  # float64 [Z, B, B]
+    low_frequency_dct: np.ndarray = field(compare=False)  # float64 [Z, B, B]; `sha256` is its identity
     grid_size_zyx: tuple[int, int, int]
 
     def block_for(self, size_zyx, radius: int) -> tuple[np.ndarray, str | None]:

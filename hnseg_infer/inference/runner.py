@@ -71,18 +71,15 @@ class LoadedModel:
         over the sliding window, averaged as logits or as probabilities; `mirror` False skips the recipe's
         mirroring (the uncertainty passes draw their own augmentation)."""
         spec = self.spec
-        forward = (0, *(a + 1 for a in spec.transpose_forward))
+        forward = (0, *(a + 1 for a in spec.grid.transpose_forward))
         backward = tuple(int(a) for a in np.argsort(forward))
         image = image_czyx.transpose(forward)  # into the network's axis order, and back after the window
         total = None
         folds = self.folds if runs is None else runs
         for fold in folds:
-            logits = predict_sliding_window(fold, image, patch_zyx=spec.patch_size_zyx,
-                                            n_outputs=spec.head.n_outputs, step_fraction=spec.step_fraction,
-                                            tile_batch=spec.tile_batch,
-                                            mirror_axes_zyx=spec.mirror_axes_zyx if mirror else (),
-                                            gaussian=spec.gaussian, tiling=spec.tiling,
-                                            overlap=spec.overlap or 0.0).transpose(backward)
+            logits = predict_sliding_window(fold, image, n_outputs=spec.head.n_outputs,
+                                            mirror_axes_zyx=spec.tiling.mirror_axes_zyx if mirror else (),
+                                            **spec.tiling.window()).transpose(backward)
             term = logits if spec.fold_average == "logits" else activate(logits, spec.head)
             if total is None:
                 total = term

@@ -8,8 +8,9 @@ strict: unknown keys, missing files and bad values are RecipeErrors naming the f
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from hnseg_infer.channels.harmonise import SpectrumReference, check_fits
 from hnseg_infer.channels.intensity import SOURCES, validate_ops
@@ -35,7 +36,8 @@ from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
 ORIENTATIONS, INTERPOLATIONS, RESAMPLINGS = values(Orientation), values(Interpolation), values(Resampling)
-FOLD_AVERAGES, GRID_SPACINGS, RESTORES, TILINGS = values(FoldAverage), values(GridSpacing), values(Restore), values(Tiling)
+FOLD_AVERAGES, GRID_SPACINGS = values(FoldAverage), values(GridSpacing)
+RESTORES, TILINGS = values(Restore), values(Tiling)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,17 @@ class ChannelSpec:
     # nnU-Net normalises the native image and then resamples it: a clip before interpolation moves edges (air/body)
     # differently from one after it. True reproduces that order.
     ops_before_sampling: bool = False
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "interpolation": self.interpolation, "ops": [_op_json(op) for op in self.ops],
+                "ops_before_sampling": self.ops_before_sampling}
+
+
+def _op_json(op: dict) -> dict:
+    """An op as the recipe writes it: a loaded harmonisation reference by its file name."""
+    if op["op"] == "spectrum_swap":
+        return {"op": "spectrum_swap", "reference": op["reference"].path.name, "radius": op["radius"]}
+    return dict(op)
 
 
 @dataclass(frozen=True)
@@ -63,38 +76,26 @@ class HeadSpec:
     def n_outputs(self) -> int:
         return len(self.labels) if self.type == "softmax" else len(self.regions)
 
+    def to_json(self) -> dict:
+        if self.type == HeadType.SOFTMAX:
+            return {"type": self.type, "labels": list(self.labels)}
+        return {"type": self.type, "regions": [list(r) for r in self.regions],
+                "region_labels": list(self.region_labels)}
+
 
 @dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    files: tuple[Path, ...]
-    sha256: tuple[str, ...]
+class GridSpec:
+    """Where a model's voxels lie and how the images reach them."""
+
     spacing_xyz_mm: tuple[float, float, float]
-    orientation: Orientation
-    patch_size_zyx: tuple[int, int, int]
-    channels: tuple[ChannelSpec, ...]
-    head: HeadSpec
-    fold_average: FoldAverage
-    step_fraction: float
-    mirror_axes_zyx: tuple[int, ...]
-    tile_batch: int
-    gaussian: bool
-    weight: float
-    # The grid axes (0 z, 1 y, 2 x) in the order the network takes them, as nnU-Net's plans `transpose_forward`:
-    # the input is array.transpose(0, *[a + 1 for a in transpose_forward]). patch_size_zyx and mirror_axes_zyx
-    # count in the network's order.
-    transpose_forward: tuple[int, int, int] = (0, 1, 2)
-    provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
-    # "nnunet" tiles by step_fraction; "monai" by `overlap` (MONAI's sliding_window_inference parameter), which
-    # only it takes.
-    tiling: Tiling = Tiling.NNUNET
-    overlap: float | None = None
+    orientation: Orientation = Orientation.LPS
     # "exact": the grid has spacing_xyz_mm exactly; "fit_roi": the voxel count is rounded and the spacing adjusted
     # so that the voxels fill the ROI box exactly (nnU-Net's resampling of a whole image).
     grid_spacing: GridSpacing = GridSpacing.EXACT
-    # Monte-Carlo dropout: one stochastic twin per fold (inference/stochastic.py), used only by uncertainty passes.
-    stochastic_files: tuple[Path, ...] = ()
-    stochastic_sha256: tuple[str, ...] = ()
+    # The grid axes (0 z, 1 y, 2 x) in the order the network takes them, as nnU-Net's plans `transpose_forward`:
+    # the input is array.transpose(0, *[a + 1 for a in transpose_forward]). The tiling's patch_size_zyx and
+    # mirror_axes_zyx count in the network's order.
+    transpose_forward: tuple[int, int, int] = (0, 1, 2)
     # "direct": each channel interpolated once from its native image onto the model grid, probabilities linearly
     # onto the CT. "nnunet": as nnUNetPredictor on a case whose channels are on the CT's voxels: the PET put there
     # first (by `pet_to_ct` interpolation, as the training data's conversion did), then nnU-Net's resampling rule
@@ -102,11 +103,93 @@ class ModelSpec:
     resampling: Resampling = Resampling.DIRECT
     pet_to_ct: Interpolation = Interpolation.LINEAR
 
+    def to_json(self) -> dict:
+        out = {"spacing_xyz_mm": list(self.spacing_xyz_mm), "orientation": self.orientation,
+               "grid_spacing": self.grid_spacing, "transpose_forward": list(self.transpose_forward),
+               "resampling": self.resampling}
+        if self.resampling == Resampling.NNUNET:  # pet_to_ct belongs to nnU-Net resampling only
+            out["pet_to_ct"] = self.pet_to_ct
+        return out
+
+
+@dataclass(frozen=True)
+class NnunetTiling:
+    """nnU-Net's sliding window: tiles placed by `step_fraction` of the patch, nnU-Net's Gaussian."""
+
+    patch_size_zyx: tuple[int, int, int]
+    step_fraction: float = 0.5
+    tile_batch: int = 1
+    gaussian: bool = True
+    mirror_axes_zyx: tuple[int, ...] = ()
+    kind: ClassVar[Tiling] = Tiling.NNUNET
+
+    def window(self) -> dict:
+        """The keywords of inference.sliding_window.predict_sliding_window, mirroring aside."""
+        return {"patch_zyx": self.patch_size_zyx, "tiling": self.kind, "step_fraction": self.step_fraction,
+                "tile_batch": self.tile_batch, "gaussian": self.gaussian}
+
+    def to_json(self) -> dict:
+        return {"tiling": self.kind, "patch_size_zyx": list(self.patch_size_zyx), "step_fraction": self.step_fraction,
+                "tile_batch": self.tile_batch, "gaussian": self.gaussian, "mirror_axes_zyx": list(self.mirror_axes_zyx)}
+
+
+@dataclass(frozen=True)
+class MonaiTiling:
+    """MONAI's sliding_window_inference: tiles placed by `overlap` (required: MONAI models are validated with their
+    own), MONAI's Gaussian."""
+
+    patch_size_zyx: tuple[int, int, int]
+    overlap: float
+    tile_batch: int = 1
+    gaussian: bool = True
+    mirror_axes_zyx: tuple[int, ...] = ()
+    kind: ClassVar[Tiling] = Tiling.MONAI
+
+    def window(self) -> dict:
+        return {"patch_zyx": self.patch_size_zyx, "tiling": self.kind, "overlap": self.overlap,
+                "tile_batch": self.tile_batch, "gaussian": self.gaussian}
+
+    def to_json(self) -> dict:
+        return {"tiling": self.kind, "patch_size_zyx": list(self.patch_size_zyx), "overlap": self.overlap,
+                "tile_batch": self.tile_batch, "gaussian": self.gaussian, "mirror_axes_zyx": list(self.mirror_axes_zyx)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One recipe model: its fold files (and their sha256), its grid, input channels, tiling and head."""
+
+    name: str
+    files: tuple[Path, ...]
+    sha256: tuple[str, ...]
+    grid: GridSpec
+    channels: tuple[ChannelSpec, ...]
+    head: HeadSpec
+    tiling: NnunetTiling | MonaiTiling
+    fold_average: FoldAverage = FoldAverage.PROBABILITIES
+    weight: float = 1.0
+    provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
+    # Monte-Carlo dropout: one stochastic twin per fold (inference/stochastic.py), used only by uncertainty passes.
+    stochastic_files: tuple[Path, ...] = ()
+    stochastic_sha256: tuple[str, ...] = ()
+
+    def to_json(self, folder: Path) -> dict:
+        """The recipe entry; file names relative to the weights `folder`."""
+        out = {"name": self.name, "files": [str(f.relative_to(folder)) for f in self.files], **self.grid.to_json(),
+               "channels": [c.to_json() for c in self.channels], "head": self.head.to_json(),
+               "fold_average": self.fold_average, **self.tiling.to_json(), "weight": self.weight,
+               "provenance": self.provenance}
+        if self.stochastic_files:
+            out["stochastic_files"] = [str(f.relative_to(folder)) for f in self.stochastic_files]
+        return out
+
 
 @dataclass(frozen=True)
 class RoiSpec:
     method: str
     params: dict
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "params": self.params}
 
 
 @dataclass(frozen=True)
@@ -123,17 +206,42 @@ class StageSpec:
     # (restore/paste_back.py).
     restore: Restore = Restore.PROBABILITIES
 
+    def to_json(self, folder: Path, *, last: bool) -> dict:
+        out = {"name": self.name, "roi": self.roi.to_json(), "models": [m.to_json(folder) for m in self.models],
+               "postprocess": self.postprocess.to_dict()}
+        if last:  # an earlier stage takes no restore
+            out["restore"] = self.restore
+        return out
+
 
 @dataclass(frozen=True)
 class Recipe:
-    path: Path
+    """A validated recipe. Equal recipes run the same way: `path` and the file's `sha256` say where one was read
+    and do not take part in comparisons, so that parse_recipe(r.to_json(), r.path) == r."""
+
+    path: Path = field(compare=False)
     name: str
     stages: tuple[StageSpec, ...]
-    sha256: str
+    sha256: str = field(compare=False)
     # True when every model may run without PET (trained with its PET channels zero-filled, as HN-UISeg's): a case
     # without a PET image, or --ct-only, then runs in CT-only mode. False: a missing PET is an input error.
     pet_optional: bool = False
     uncertainty: UncertaintyConfig | None = None  # the optional `uncertainty` block (uncertainty/config.py)
+    description: str = ""
+
+    def to_json(self) -> dict:
+        """recipe.json's content, every default written out; a one-stage recipe named "main" in the flat form."""
+        folder = self.path.parent
+        out = {"schema_version": SCHEMA_VERSION, "name": self.name, "description": self.description,
+               "pet_optional": self.pet_optional}
+        if self.uncertainty is not None:
+            out["uncertainty"] = self.uncertainty.to_dict()
+        stages = [stage.to_json(folder, last=i == len(self.stages) - 1) for i, stage in enumerate(self.stages)]
+        if len(stages) == 1 and stages[0]["name"] == "main":
+            out.update({key: value for key, value in stages[0].items() if key != "name"})
+        else:
+            out["stages"] = stages
+        return out
 
     @property
     def models(self) -> tuple[ModelSpec, ...]:
@@ -260,7 +368,7 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     fold_average = r.take("fold_average", default="probabilities", kind=str)
     if fold_average not in FOLD_AVERAGES:
         raise RecipeError(f"{where}: fold_average must be one of {FOLD_AVERAGES}, got {fold_average!r}")
-    tiling, overlap, step = _tiling(r, where)
+    tiling_kind, overlap, step = _tiling(r, where)
     mirror = tuple(r.take("mirror_axes_zyx", default=[], kind=list))
     if not set(mirror) <= {0, 1, 2} or len(set(mirror)) != len(mirror):
         raise RecipeError(f"{where}: mirror_axes_zyx must be distinct axes of 0, 1, 2, got {list(mirror)}")
@@ -282,10 +390,16 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
                                         folder=folder)
     resampling, pet_to_ct = _resampling(r, where, orientation)
     r.done(keys)
-    return ModelSpec(name, files, tuple(file_sha256(f) for f in files), spacing, Orientation(orientation), patch,
-                     channels, head, FoldAverage(fold_average), step, mirror, tile_batch, gaussian, weight, transpose,
-                     provenance, Tiling(tiling), overlap, GridSpacing(grid_spacing), stochastic,
-                     tuple(file_sha256(f) for f in stochastic), Resampling(resampling), Interpolation(pet_to_ct))
+    grid = GridSpec(spacing, Orientation(orientation), GridSpacing(grid_spacing), transpose, Resampling(resampling),
+                    Interpolation(pet_to_ct))
+    if tiling_kind == Tiling.MONAI:
+        tiling = MonaiTiling(patch, overlap, tile_batch, gaussian, mirror)
+    else:
+        tiling = NnunetTiling(patch, step, tile_batch, gaussian, mirror)
+    return ModelSpec(name=name, files=files, sha256=tuple(file_sha256(f) for f in files), grid=grid,
+                     channels=channels, head=head, tiling=tiling, fold_average=FoldAverage(fold_average),
+                     weight=weight, provenance=provenance, stochastic_files=stochastic,
+                     stochastic_sha256=tuple(file_sha256(f) for f in stochastic))
 
 
 def _resampling(r: _Reader, where: str, orientation: str) -> tuple[str, str]:
@@ -368,6 +482,12 @@ def load_recipe(weights_dir: Path) -> Recipe:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path} is not valid JSON ({exc}): fix or re-export it") from exc
+    return parse_recipe(raw, path, sha256=file_sha256(path))
+
+
+def parse_recipe(raw: dict, path: Path, *, sha256: str = "") -> Recipe:
+    """Validate a recipe's JSON content, `path` being where it lies (its folder holds the files it names)."""
+    path = Path(path)
     where = str(path)
     r = _Reader(raw, where)
     version = r.take("schema_version", kind=int)
@@ -375,7 +495,7 @@ def load_recipe(weights_dir: Path) -> Recipe:
         raise RecipeError(f"{where}: schema_version {version} is not supported (this hnseg reads {SCHEMA_VERSION}): "
                           f"re-export the weights with this version's export/to_onnx.py")
     name = r.take("name", kind=str)
-    r.take("description", default="", kind=str)
+    description = r.take("description", default="", kind=str)
     pet_optional = r.take("pet_optional", default=False, kind=bool)
     uncertainty = r.take("uncertainty", default=None)
     if "stages" in r.obj:  # a cascade
@@ -396,7 +516,7 @@ def load_recipe(weights_dir: Path) -> Recipe:
     if uncertainty is not None:
         uncertainty = parse_uncertainty(uncertainty, f"{where} uncertainty")
         check_stage(uncertainty, stages[-1], f"{where} uncertainty")
-    return Recipe(path, name, stages, file_sha256(path), pet_optional, uncertainty)
+    return Recipe(path, name, stages, sha256, pet_optional, uncertainty, description)
 
 
 def _stage(obj, where: str, folder: Path, *, first: bool, last: bool = True) -> StageSpec:
@@ -440,12 +560,13 @@ def _check_references_fit(model: ModelSpec, roi: RoiSpec, where: str) -> None:
     310×200×200 voxels). Variable-size ROIs, and grids along the CT's own axes, are checked at run time."""
     size_mm = box_size_mm(roi.method, roi.params)
     references = spectrum_references(model)
-    if not references or size_mm is None or model.orientation == "ct":
+    if not references or size_mm is None or model.grid.orientation == Orientation.CT:
         return
-    grid = Grid.covering(Box((0.0, 0.0, 0.0), size_mm), model.spacing_xyz_mm, fit_box=model.grid_spacing == "fit_roi")
+    grid = Grid.covering(Box((0.0, 0.0, 0.0), size_mm), model.grid.spacing_xyz_mm,
+                         fit_box=model.grid.grid_spacing == GridSpacing.FIT_ROI)
     for reference in references:
         check_fits(reference, grid.size_zyx, where=f"{where}, ROI {roi.method!r} {list(size_mm)} mm at "
-                                                   f"{list(model.spacing_xyz_mm)} mm")
+                                                   f"{list(model.grid.spacing_xyz_mm)} mm")
 
 
 def _check_unique(names: list[str], kind: str, where: str) -> None:

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from hnseg_infer.geometry.grid import Grid, sample, sample_nnunet
 from hnseg_infer.labels import LABELS
 from hnseg_infer.recipe.load import HeadSpec, ModelSpec
+from hnseg_infer.recipe.vocabulary import Resampling
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,10 @@ class Ensemble:
 
     @staticmethod
     def for_models(models: tuple[ModelSpec, ...]) -> "Ensemble":
-        return Ensemble(OutputSpace.for_models(models), len(models) == 1 and models[0].resampling == "nnunet")
+        return Ensemble(OutputSpace.for_models(models), len(models) == 1 and models[0].grid.resampling == Resampling.NNUNET)
 
     def member(self, spec: ModelSpec, probabilities_kzyx: np.ndarray, grid: Grid) -> "Member":
-        return Member(spec.weight, self.space.from_head(probabilities_kzyx, spec.head), grid, spec.resampling)
+        return Member(spec.weight, self.space.from_head(probabilities_kzyx, spec.head), grid, spec.grid.resampling)
 
     def _mean_channel(self, members: list["Member"], k: int, fill: float, target: Grid) -> np.ndarray:
         """Output channel k's weighted mean over the members on `target` (in logit space for a lone nnU-Net

@@ -296,9 +296,11 @@ def test_auto3dseg_recipe_reproduces_the_template(auto3dseg):
     recipe = load_recipe(auto3dseg["out"])
     (spec,) = recipe.models
     config = auto3dseg["config"]
-    assert (spec.orientation, spec.transpose_forward, spec.patch_size_zyx) == ("ras", (2, 1, 0), (16, 16, 16))
-    assert list(spec.spacing_xyz_mm) == config["resample_resolution"]
-    assert (spec.tiling, spec.overlap, spec.gaussian, spec.tile_batch) == ("monai", 0.625, True, 1)
+    assert (spec.grid.orientation, spec.grid.transpose_forward) == ("ras", (2, 1, 0))
+    assert spec.tiling.patch_size_zyx == (16, 16, 16)
+    assert list(spec.grid.spacing_xyz_mm) == config["resample_resolution"]
+    tiling = spec.tiling
+    assert (tiling.kind, tiling.overlap, tiling.gaussian, tiling.tile_batch) == ("monai", 0.625, True, 1)
     assert spec.head.type == "softmax" and spec.head.labels == (0, 1, 2) and spec.fold_average == "probabilities"
     assert [c.source for c in spec.channels] == ["ct", "pet"] and len(spec.files) == 2
     assert [op["op"] for op in spec.channels[0].ops] == ["scale", "sigmoid"]
@@ -391,8 +393,10 @@ def test_bundle_route_end_to_end_through_to_onnx(tmp_path):
     assert to_onnx.main(["monai", str(bundle), "--out", str(tmp_path / "w"), "--regions", "1,2", "2",
                          "--fp16"]) == 0
     (spec,) = load_recipe(tmp_path / "w").models
-    assert (spec.orientation, spec.spacing_xyz_mm, spec.patch_size_zyx) == ("ras", (2.0, 2.0, 3.0), (16, 16, 16))
-    assert (spec.tiling, spec.overlap, spec.tile_batch, spec.gaussian) == ("monai", 0.5, 4, True)
+    assert (spec.grid.orientation, spec.grid.spacing_xyz_mm) == ("ras", (2.0, 2.0, 3.0))
+    assert spec.tiling.patch_size_zyx == (16, 16, 16)
+    tiling = spec.tiling
+    assert (tiling.kind, tiling.overlap, tiling.tile_batch, tiling.gaussian) == ("monai", 0.5, 4, True)
     assert spec.channels[0].ops == ({"op": "window", "min": -1000.0, "max": 1000.0, "to": [0.0, 1.0]},)
     assert spec.channels[1].ops == ({"op": "suv"}, {"op": "zscore", "over": "nonzero"})
     assert spec.head.type == "sigmoid" and spec.head.regions == ((1, 2), (2,)) and spec.head.region_labels == (1, 2)

@@ -120,13 +120,14 @@ def test_recipe_carries_the_plans(exported):
     transpose, spacing_network, patch = ARCHITECTURES[architecture]
     (model,) = load_recipe(weights).models
     plans = json.loads((results / "plans.json").read_text())
-    assert model.transpose_forward == transpose
-    assert model.patch_size_zyx == patch  # network order, as the recipe defines it
+    assert model.grid.transpose_forward == transpose
+    assert model.tiling.patch_size_zyx == patch  # network order, as the recipe defines it
     spacing_zyx = [0.0] * 3
     for network_axis, array_axis in enumerate(transpose):
         spacing_zyx[array_axis] = spacing_network[network_axis]
-    assert model.spacing_xyz_mm == tuple(spacing_zyx[::-1])
-    assert model.mirror_axes_zyx == (0, 1, 2) and model.fold_average == "logits" and model.step_fraction == 0.5
+    assert model.grid.spacing_xyz_mm == tuple(spacing_zyx[::-1])
+    assert model.tiling.mirror_axes_zyx == (0, 1, 2) and model.tiling.step_fraction == 0.5
+    assert model.fold_average == "logits"
     assert [c.source for c in model.channels] == ["ct", "pet"]
     ct_op = model.channels[0].ops[0]
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
@@ -142,9 +143,9 @@ def _our_logits(weights: Path, data_czyx: np.ndarray) -> np.ndarray:
     """Fold-averaged logits of our sliding window over the exported files, in the network's axis order."""
     (spec,) = load_recipe(weights).models
     folds = [OnnxModel(f, device="cpu") for f in spec.files]
-    logits = [predict_sliding_window(fold, data_czyx, patch_zyx=spec.patch_size_zyx, n_outputs=spec.head.n_outputs,
-                                     step_fraction=spec.step_fraction, tile_batch=spec.tile_batch,
-                                     mirror_axes_zyx=spec.mirror_axes_zyx, gaussian=spec.gaussian) for fold in folds]
+    logits = [predict_sliding_window(fold, data_czyx, n_outputs=spec.head.n_outputs,
+                                     mirror_axes_zyx=spec.tiling.mirror_axes_zyx, **spec.tiling.window())
+              for fold in folds]
     return np.mean(logits, axis=0)
 
 

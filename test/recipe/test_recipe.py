@@ -22,8 +22,8 @@ def monai_tiling(model: dict, **overlap) -> None:
 def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     recipe = load_recipe(write_weights(tmp_path))
     (model,) = recipe.models
-    assert model.orientation == "lps" and model.fold_average == "probabilities" and model.gaussian is True
-    assert model.mirror_axes_zyx == () and model.patch_size_zyx == (16, 16, 16)
+    assert model.grid.orientation == "lps" and model.fold_average == "probabilities" and model.tiling.gaussian is True
+    assert model.tiling.mirror_axes_zyx == () and model.tiling.patch_size_zyx == (16, 16, 16)
     assert model.channels[1].ops == ({"op": "suv"},) and model.head.n_outputs == 3
     assert len(model.sha256[0]) == 64 and len(recipe.sha256) == 64
 
@@ -32,9 +32,10 @@ def test_monai_tiling_and_ras_orientation_load(tmp_path):
     folder = edit(write_weights(tmp_path), lambda r: (monai_tiling(r["models"][0], overlap=0.625),
                                                       r["models"][0].update(orientation="ras")))
     (model,) = load_recipe(folder).models
-    assert (model.tiling, model.overlap, model.orientation) == ("monai", 0.625, "ras")
+    assert (model.tiling.kind, model.tiling.overlap, model.grid.orientation) == ("monai", 0.625, "ras")
     (default,) = load_recipe(write_weights(tmp_path / "default")).models
-    assert (default.tiling, default.overlap, default.step_fraction) == ("nnunet", None, 0.5)
+    assert (default.tiling.kind, default.tiling.step_fraction) == ("nnunet", 0.5)
+    assert not hasattr(default.tiling, "overlap")  # nnU-Net tiling has no MONAI overlap to set
 
 
 @pytest.mark.parametrize("mutate,message", [

@@ -77,9 +77,11 @@ def test_recipe_is_bigs2s(bigs2):
     (stage,) = recipe.stages
     (model,) = stage.models
     assert stage.roi.method == "pet_threshold_head_neck_box" and stage.roi.params["size_mm"] == [200.0, 200.0, 310.0]
-    assert model.spacing_xyz_mm == (1.0, 1.0, 1.0) and model.patch_size_zyx == (192, 192, 192)
-    assert model.fold_average == "logits" and model.tiling == "monai" and model.gaussian and model.overlap == 0.25
-    assert model.orientation == "ras" and model.transpose_forward == (2, 1, 0) and model.head.labels == (0, 1, 2)
+    assert model.grid.spacing_xyz_mm == (1.0, 1.0, 1.0) and model.tiling.patch_size_zyx == (192, 192, 192)
+    assert model.fold_average == "logits" and model.tiling.kind == "monai"
+    assert model.tiling.gaussian and model.tiling.overlap == 0.25
+    assert model.grid.orientation == "ras" and model.grid.transpose_forward == (2, 1, 0)
+    assert model.head.labels == (0, 1, 2)
     ct, pet = model.channels
     assert [op["op"] for op in ct.ops] == ["spectrum_swap", "window", "sigmoid"]
     assert ct.ops[1]["to"] == [0, 1] and ct.ops[0]["radius"] == 3

@@ -62,8 +62,8 @@ def test_the_exported_recipe_is_hn_uisegs(weights):
     assert [c.source for c in model.channels] == ["ct", "pet", "clicks_gtvp", "clicks_gtvn"]
     assert model.channels[0].ops == ({"op": "clip", "min": -1024, "max": 3071},)
     assert model.channels[1].ops == ({"op": "suv"}, {"op": "clip", "min": 0, "max": 50})
-    assert model.spacing_xyz_mm == (3.0, 3.0, 3.0) and list(model.patch_size_zyx) == PATCH_ZYX
-    assert model.step_fraction == 0.5 and model.gaussian and model.head.labels == (0, 1, 2)
+    assert model.grid.spacing_xyz_mm == (3.0, 3.0, 3.0) and list(model.tiling.patch_size_zyx) == PATCH_ZYX
+    assert model.tiling.step_fraction == 0.5 and model.tiling.gaussian and model.head.labels == (0, 1, 2)
     assert [f.name for f in model.stochastic_files] == ["hn_uiseg_fold0.stochastic.onnx"]
     twin = model.provenance["stochastic"]["hn_uiseg_fold0.stochastic.onnx"]
     assert twin["proof"]["torch_at_rate"]["passed"] and twin["proof"]["torch_without_dropout_at_rate_0"]["passed"]

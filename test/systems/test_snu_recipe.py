@@ -40,7 +40,7 @@ def test_the_exported_recipe_is_snus(snu_weights):
     assert stage.roi.method == "brain_peak_head_crop" and stage.restore == "paste_nearest"
     assert stage.roi.params["window_xy_mm"] == 256 and stage.roi.params["n_slices"] == 112
     (model,) = stage.models
-    assert model.spacing_xyz_mm == (1.0, 1.0, 3.0) and model.patch_size_zyx == (112, 256, 256)
+    assert model.grid.spacing_xyz_mm == (1.0, 1.0, 3.0) and model.tiling.patch_size_zyx == (112, 256, 256)
     ct, pet = model.channels
     assert (ct.source, ct.interpolation, pet.source, pet.interpolation) == ("ct", "bspline", "pet", "linear")
     assert [op["op"] for op in ct.ops] == ["clip", "scale", "sigmoid"]

@@ -1,0 +1,73 @@
+"""Recipe.to_json is parse_recipe's inverse: parse_recipe(r.to_json(), r.path) == r for every kind of recipe the
+project ships or builds without torch (a one-stage recipe, the demo cascade with nnU-Net resampling, MONAI tiling and
+fit_roi grids, the SUV baseline, a sigmoid-region head, an uncertainty block), and the JSON is plain JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from builders import model_entry, write_weights
+from conftest import REPO
+
+from hnseg_infer.recipe.load import MonaiTiling, NnunetTiling, load_recipe, parse_recipe
+
+
+def _round_trip(recipe):
+    text = json.dumps(recipe.to_json())  # plain JSON: enums as strings, no paths
+    again = parse_recipe(json.loads(text), recipe.path)
+    assert again == recipe
+    return again
+
+
+def test_the_demo_cascade_round_trips():
+    recipe = load_recipe(REPO / "weights" / "demo")
+    _round_trip(recipe)
+    tilings = {type(m.tiling) for m in recipe.models}
+    assert tilings == {NnunetTiling, MonaiTiling}  # both tilings and nnU-Net resampling are covered
+
+
+def test_one_stage_and_sigmoid_and_uncertainty_recipes_round_trip(tmp_path):
+    sigmoid = {"type": "sigmoid", "regions": [[1, 2], [2]], "region_labels": [1, 2]}
+    weights = write_weights(tmp_path / "a", models=[model_entry(head=sigmoid, mirror_axes_zyx=[0, 2])],
+                            postprocess={"min_volume_mm3": {"GTVn": 30.0}, "gtvn_max_distance_to_gtvp_mm": 50})
+    recipe = load_recipe(weights)
+    assert "stages" not in recipe.to_json()  # written back in the flat form it came in
+    _round_trip(recipe)
+    block = {"passes": 4, "dropout_rate": 0.0, "seed": 3, "augmentations": {"flip": {"axes_zyx": [2]}}}
+    _round_trip(load_recipe(write_weights(tmp_path / "b", extra={"uncertainty": block})))
+
+
+def test_the_suv_baseline_round_trips(tmp_path):
+    subprocess.run([sys.executable, str(REPO / "export" / "make_suv_baseline.py"), "--out", str(tmp_path / "suv")],
+                   check=True, capture_output=True)
+    _round_trip(load_recipe(tmp_path / "suv"))
+
+
+def test_a_changed_value_makes_a_different_recipe(tmp_path):
+    recipe = load_recipe(write_weights(tmp_path / "w"))
+    raw = recipe.to_json()
+    raw["models"][0]["step_fraction"] = 0.25
+    assert parse_recipe(raw, recipe.path) != recipe
+
+
+def test_nnunet_tiling_cannot_take_a_monai_overlap(tmp_path):
+    recipe = load_recipe(write_weights(tmp_path / "w"))
+    raw = recipe.to_json()
+    raw["models"][0]["overlap"] = 0.5
+    with pytest.raises(Exception, match="'overlap' is MONAI tiling's"):
+        parse_recipe(raw, recipe.path)
+
+
+def test_vocabularies_are_enums_and_the_spec_is_frozen(tmp_path):
+    import dataclasses
+
+    from hnseg_infer.recipe.vocabulary import ChannelSource, FoldAverage, HeadType, Orientation, Restore, Tiling
+
+    recipe = load_recipe(write_weights(tmp_path / "w"))
+    (model,) = recipe.models
+    assert isinstance(model.grid.orientation, Orientation) and isinstance(model.tiling.kind, Tiling)
+    assert isinstance(model.head.type, HeadType) and isinstance(model.fold_average, FoldAverage)
+    assert isinstance(model.channels[0].source, ChannelSource) and isinstance(recipe.stages[0].restore, Restore)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.tiling.tile_batch = 4
