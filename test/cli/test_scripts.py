@@ -2,6 +2,7 @@
 each passes to docker and in which order, which mounts are read-only, and do_test_run.sh's check of the output
 (hnseg check-output) passing and failing on masks the stand-in writes into the mounted /output."""
 
+import fnmatch
 import json
 import os
 import re
@@ -183,3 +184,34 @@ def test_check_output_refuses_a_mask_that_is_not_uint8_or_missing(tmp_path, case
         check_output(case, output)
     write_mask(output / GC_OUTPUT, np.zeros(sitk.GetArrayViewFromImage(ct).shape, np.uint8), ct)
     assert check_output(case, output).endswith("GTVp 0 voxels, GTVn 0 voxels")
+
+
+def excluded_from_build_context(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or one of its parent folders decides; `!`
+    re-includes; a leading `**/` matches at any depth."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]  # "a", "a/b", "a/b/c"
+    excluded = False
+    for pattern in patterns:
+        negated, glob = pattern.startswith("!"), pattern.lstrip("!")
+        if glob.startswith("**/"):
+            names, glob = parts, glob[3:]  # any folder or file name along the path
+        else:
+            names = prefixes
+        if any(fnmatch.fnmatchcase(name, glob) for name in names):
+            excluded = not negated
+    return excluded
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context():
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    copies = [line.split()[1:] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY")]
+    sources = [arg for args in copies for arg in args[:-1] if not arg.startswith("--")]
+    assert "export/to_tensorrt.py" in sources and "weights" in sources
+    for source in sources:
+        assert (REPO / source).exists(), source
+        assert not excluded_from_build_context(source, patterns), f"{source} is left out by .dockerignore"
+    # the rule itself: what .dockerignore is there to leave out stays out
+    assert all(excluded_from_build_context(p, patterns) for p in
+               (".venv", "test/cli/test_scripts.py", "export/to_onnx.py", "hnseg_infer/__pycache__/x.pyc"))
