@@ -11,10 +11,16 @@ RUN apt-get update \
 RUN groupadd -r user && useradd -m --no-log-init -r -g user user
 WORKDIR /opt/app
 
-COPY --chown=user:user requirements.txt /opt/app/
-RUN python3 -m pip install --no-cache-dir -r requirements.txt
+# The CPU set and the GPU libraries. onnxruntime and onnxruntime-gpu both install the `onnxruntime` package and
+# cannot live side by side (the CPU wheel's files hide the CUDA provider: microsoft/onnxruntime#26996), so the CPU
+# set goes in without its onnxruntime line and onnxruntime-gpu (the same version) takes its place; nothing is
+# installed twice and nothing needs uninstalling.
+COPY --chown=user:user requirements-cpu.txt requirements-gpu.txt /opt/app/
+RUN grep -v '^onnxruntime==' requirements-cpu.txt > /tmp/requirements-cpu-shared.txt \
+ && python3 -m pip install --no-cache-dir -r /tmp/requirements-cpu-shared.txt -r requirements-gpu.txt \
+ && rm /tmp/requirements-cpu-shared.txt
 
-# TensorRT's libraries come from the tensorrt-cu12-libs wheel (requirements.txt); onnxruntime's TensorRT EP links
+# TensorRT's libraries come from the tensorrt-cu12-libs wheel (requirements-gpu.txt); onnxruntime's TensorRT EP links
 # libnvinfer, libnvinfer_plugin and libnvonnxparser .so.10 and finds them through the loader path. The build fails
 # here, not at run time, if the wheel's layout changes.
 ENV TRT_LIBS=/usr/local/lib/python3.10/dist-packages/tensorrt_libs

@@ -1,5 +1,5 @@
-"""Command line: `hnseg predict`, `refine`, `batch`, `evaluate`, `qc`, `phantom`, and the grand-challenge entry
-(process.py).
+"""Command line: `hnseg predict`, `refine`, `batch`, `evaluate`, `qc`, `phantom`, `pack-model`, `check-output`, and
+the grand-challenge entry (process.py).
 
 Errors the user can fix (HnsegError) print one line on stderr and exit 2; unexpected ones exit 1. Either way
 nothing is left under the output path, and the run report (status "error") still goes to --report.
@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.errors import HnsegError, MissingPetError
 from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
@@ -21,9 +22,8 @@ from hnseg_infer.report import RunReport
 from hnseg_infer.segmenter import Prediction, Segmenter
 from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 
-GC_OUTPUT_RELATIVE = Path("images/tumor-lymph-node-segmentation/output.mha")
 GC_MODEL_DIR = Path("/opt/ml/model")
-BUNDLED_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # beside hnseg_infer/: /opt/app/weights
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
 
 
@@ -244,6 +244,30 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _pack_model(args) -> int:
+    """The grand-challenge model tarball of a weights folder (tools/pack.py)."""
+    from hnseg_infer.tools.pack import pack_model
+
+    try:
+        packed = pack_model(args.weights_dir, args.out)
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    mib = 1024 ** 2
+    print(f"hnseg pack-model: wrote {packed.out}: {len(packed.members)} files, {packed.packed_bytes / mib:.1f} MiB "
+          f"({packed.unpacked_bytes / mib:.1f} MiB unpacked), hashes as the recipe was loaded")
+    return 0
+
+
+def _check_output(args) -> int:
+    try:
+        print(check_output(args.input, args.output))
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -308,7 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--title", default="", help="extra text for the title line")
     q.add_argument("--out", type=Path, required=True, help="the PNG to write")
 
+    pm = sub.add_parser("pack-model", help="the grand-challenge model tarball (extracted to /opt/ml/model): "
+                        "recipe.json and every file it names")
+    pm.add_argument("weights_dir", type=Path, metavar="WEIGHTS_DIR", help="folder with recipe.json")
+    pm.add_argument("--out", type=Path, required=True, help="the tarball to write, e.g. model.tar.gz")
+
+    co = sub.add_parser("check-output", help="check a container run's output folder against the contract")
+    co.add_argument("--input", type=Path, required=True, help="the run's input folder (images/ct/*)")
+    co.add_argument("--output", type=Path, required=True, help="the run's output folder")
+
     args = parser.parse_args(argv)
+    if args.command == "pack-model":
+        return _pack_model(args)
+    if args.command == "check-output":
+        return _check_output(args)
     if args.command == "evaluate":
         return _evaluate(args)
     if args.command == "phantom":

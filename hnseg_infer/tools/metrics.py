@@ -3,6 +3,8 @@
 Labels: 0 background, 1 GTVp, 2 GTVn. Per case and label: Dice, voxel counts (for the aggregated Dice), HD95 and
 normalised surface distance (NSD) at 2 mm; for GTVn also lesion detection (TP/FP/FN). Over cases: the HECKTOR
 ranking metrics gtvp_dice_mean, gtvn_dscagg and gtvn_f1agg (DESIGN.md §6), with totals and means of the rest.
+gtvp_dice_mean is HECKTOR 2025's "mean DSC across all patients": every case counts, and a case whose reference has
+no GTVp scores 1 when the prediction has none and 0 when it has some (the per-case Dice convention below).
 
 HD95 and NSD follow MONAI (`compute_hausdorff_distance(percentile=95)`, `compute_surface_dice` without
 sub-voxels): a surface is the voxels that one binary erosion (6-neighbourhood) removes, distances are Euclidean in
@@ -274,16 +276,19 @@ def aggregated_dice(labels: Sequence[LabelMetrics]) -> float:
 
 
 def aggregate(cases: Sequence[CaseMetrics]) -> dict:
-    """The ranking metrics first. GTVp Dice is averaged only over cases whose reference has a GTVp (as HECKTOR);
+    """The ranking metrics first. gtvp_dice_mean (the official figure) averages the GTVp Dice over every case, a
+    case without a reference GTVp scoring 1.0 if nothing was predicted and 0.0 otherwise;
+    gtvp_dice_mean_cases_with_gtvp averages only the cases whose reference has a GTVp (None when none has).
     HD95/NSD means are over the cases where they are defined; F1agg = 2TP/(2TP+FP+FN), 1.0 when there are no
     lesions at all."""
     if not cases:
         raise ValueError("no cases to aggregate")
     with_gtvp = [c for c in cases if c.gtvp.ref_voxels > 0]
     tp, fp, fn = (sum(getattr(c.gtvn_lesions, k) for c in cases) for k in ("tp", "fp", "fn"))
-    summary = {"gtvp_dice_mean": _mean(c.gtvp.dice for c in with_gtvp),
+    summary = {"gtvp_dice_mean": _mean(c.gtvp.dice for c in cases),
                "gtvn_dscagg": aggregated_dice([c.gtvn for c in cases]),
                "gtvn_f1agg": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+               "gtvp_dice_mean_cases_with_gtvp": _mean(c.gtvp.dice for c in with_gtvp),
                "gtvp_dscagg": aggregated_dice([c.gtvp for c in cases]),
                "gtvn_tp": tp, "gtvn_fp": fp, "gtvn_fn": fn}
     for name in LABELS:
@@ -297,10 +302,14 @@ def summary_text(summary: dict) -> str:
     def f(value, digits=4):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
+    n_with_gtvp = summary["n_cases"] - summary["n_cases_without_gtvp"]
     return (f"hnseg evaluate: {summary['n_cases']} cases ({summary['n_cases_without_gtvp']} without GTVp)\n"
-            f"  GTVp Dice mean {f(summary['gtvp_dice_mean'])} | GTVn DSCagg {f(summary['gtvn_dscagg'])} | "
+            f"  GTVp Dice mean {f(summary['gtvp_dice_mean'])} (all cases; no reference GTVp: 1 if none predicted, "
+            f"else 0) | GTVn DSCagg {f(summary['gtvn_dscagg'])} | "
             f"GTVn F1agg {f(summary['gtvn_f1agg'])} (TP {summary['gtvn_tp']}, FP {summary['gtvn_fp']}, "
             f"FN {summary['gtvn_fn']})\n"
+            f"  GTVp Dice mean over the {n_with_gtvp} cases with a reference GTVp "
+            f"{f(summary['gtvp_dice_mean_cases_with_gtvp'])}\n"
             f"  HD95 mm: GTVp {f(summary['gtvp_hd95_mm_mean'], 2)}, GTVn {f(summary['gtvn_hd95_mm_mean'], 2)} | "
             f"NSD@2mm: GTVp {f(summary['gtvp_nsd_2mm_mean'])}, GTVn {f(summary['gtvn_nsd_2mm_mean'])}")
 

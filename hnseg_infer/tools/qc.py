@@ -5,8 +5,12 @@ largest lesion of the mask, else of the reference, else the PET's hottest voxel 
 contours of the mask (solid) and of the reference (dashed); on the right a coronal PET maximum-intensity
 projection of the CT∩PET field with the ROI boxes of the run report and the view centre.
 
-Every panel is sampled from the native images onto a small LPS-aligned display grid (identity direction, 1 mm)
-around the centre, so the CT's direction cosines never show: axial views are radiological (patient left on image
+Every panel is sampled from the native images onto a small LPS-aligned display grid (identity direction, 1 mm),
+so the CT's direction cosines never show. The slices go through the view centre; in their plane the window is
+centred on the CT's field along an axis where the field is narrower than the window (a HECKTOR-2020-style crop of
+~144 mm sits in the middle of its panels), else it follows the centre but stays inside the field. The ROI boxes'
+names are moved down until none overlaps another (boxes larger than a small crop all clip to its corner).
+Axial views are radiological (patient left on image
 right, anterior up), coronal and sagittal views have superior up (sagittal: anterior on the left). Only the
 display windows are resampled, never a whole volume at full resolution. Matplotlib is used through its object
 API (Figure + Agg canvas), with no pyplot state.
@@ -43,6 +47,9 @@ VIEW_SPACING_MM = 1.0
 MIP_SPACING_MM = 4.0
 MIP_MAX_VOXELS = 6_000_000  # the MIP grid coarsens beyond this (whole-body scans)
 FIGURE_SIZE_IN, DPI = (16.0, 8.0), 100  # 1600 × 800 px
+BOX_LABEL_GID = "roi box label"  # the ROI box names, as tests find them
+BOX_LABEL_STEP_PT = 4.0  # how far a box name moves down per try when it overlaps one placed before
+BOX_LABEL_PAD_PT = 1.0  # the white patch around a box name, for reading it over the MIP and the box lines
 
 
 @dataclass(frozen=True)
@@ -148,16 +155,31 @@ class _View:
         return (left, right, high, low) if self.rows_down else (left, right, low, high)
 
 
-def _views(center_xyz_mm) -> list[_View]:
-    """Axial, coronal and sagittal planes through the centre, on LPS-aligned 1 mm grids of VIEW_SIZE_MM."""
+def window_centre(center_xyz_mm, field: Box) -> np.ndarray:
+    """The in-plane centre (xyz mm) of the VIEW_SIZE_MM windows for an LPS-aligned `field`: per axis, the
+    field's centre where the field is narrower than a window, else `center_xyz_mm` moved just enough for the window
+    to stay inside the field (a point inside the field then stays in view)."""
+    lo = np.asarray(field.corner_xyz_mm, dtype=np.float64)
+    hi = lo + np.asarray(field.size_xyz_mm, dtype=np.float64)
+    half = VIEW_SIZE_MM / 2
+    inside = np.clip(np.asarray(center_xyz_mm, dtype=np.float64), lo + half, np.maximum(hi - half, lo + half))
+    return np.where(hi - lo <= VIEW_SIZE_MM, (lo + hi) / 2, inside)
+
+
+def _views(center_xyz_mm, field: Box) -> list[_View]:
+    """Axial, coronal and sagittal planes through the centre, on LPS-aligned 1 mm grids of VIEW_SIZE_MM whose
+    in-plane centre is `window_centre`."""
     c = np.asarray(center_xyz_mm, dtype=np.float64)
+    in_plane = window_centre(c, field)
     w, s = VIEW_SIZE_MM, VIEW_SPACING_MM
     out = []
-    for name, size, take, axes, rows_down, letters in (
-            ("axial", (w, w, s), (0, slice(None), slice(None)), (0, 1), True, ("R", "L", "A", "P")),
-            ("coronal", (w, s, w), (slice(None), 0, slice(None)), (0, 2), False, ("R", "L", "S", "I")),
-            ("sagittal", (s, w, w), (slice(None), slice(None), 0), (1, 2), False, ("A", "P", "S", "I"))):
-        grid = Grid.covering(Box.around(c, size, IDENTITY), (s, s, s))
+    for name, size, take, axes, rows_down, letters, through in (
+            ("axial", (w, w, s), (0, slice(None), slice(None)), (0, 1), True, ("R", "L", "A", "P"), 2),
+            ("coronal", (w, s, w), (slice(None), 0, slice(None)), (0, 2), False, ("R", "L", "S", "I"), 1),
+            ("sagittal", (s, w, w), (slice(None), slice(None), 0), (1, 2), False, ("A", "P", "S", "I"), 0)):
+        plane_centre = in_plane.copy()
+        plane_centre[through] = c[through]  # the slice itself still goes through the view centre
+        grid = Grid.covering(Box.around(plane_centre, size, IDENTITY), (s, s, s))
         coords = [np.asarray(grid.origin_xyz_mm[a]) + s * np.arange(grid.size_xyz[a]) for a in range(3)]
         out.append(_View(name, grid, take, coords[axes[0]], coords[axes[1]], rows_down, letters))
     return out
@@ -226,6 +248,31 @@ def _box_outline_xz(box: Box) -> np.ndarray:
     return np.asarray(half(points) + half(points[::-1]) if len(points) > 2 else points, dtype=np.float64)
 
 
+def _label_extent(label, renderer):
+    """The display-space box of a box name with room for its background patch (BOX_LABEL_PAD_PT): the patch's
+    own extent is only up to date after a draw."""
+    return label.get_window_extent(renderer).padded(renderer.points_to_pixels(BOX_LABEL_PAD_PT + 1))
+
+
+def _box_labels(ax, anchors) -> None:
+    """Each ROI box's name at its (name, colour, (x, z) mm) anchor, moved down until it overlaps no name placed
+    before it: on a small crop every box larger than the field clips to the same corner."""
+    renderer = ax.figure.canvas.get_renderer()
+    ax.apply_aspect()  # the axes' final place (imshow's equal aspect) before anything is measured
+    placed = []
+    for name, colour, xy in anchors:
+        label = ax.annotate(f" {name}", xy=xy, xytext=(0, 0), textcoords="offset points", color=colour, fontsize=9,
+                            ha="left", va="top", clip_on=True, annotation_clip=False, gid=BOX_LABEL_GID,
+                            bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": BOX_LABEL_PAD_PT})
+        extent = _label_extent(label, renderer)
+        step = 0
+        while any(extent.overlaps(other) for other in placed) and step < 100:
+            step += 1
+            label.xyann = (0, -step * BOX_LABEL_STEP_PT)
+            extent = _label_extent(label, renderer)
+        placed.append(extent)
+
+
 def _title(*, case: str, mask_ml: dict, reference_ml: dict | None, centre: ViewCentre, title: str) -> str:
     parts = [case] if case else []
     parts.append("mask " + ", ".join(f"{LABEL_NAMES[k]} {v:.1f} mL" for k, v in mask_ml.items()))
@@ -252,17 +299,24 @@ def _save_atomic(fig: Figure, out_png: Path) -> None:
                  hint="choose a QC picture path in a writable folder")
 
 
-def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sitk.Image | None = None,
-            boxes: list[tuple[str, Box]] = (), out_png: Path, title: str = "", case: str = "",
-            suv_per_stored_value: float = 1.0) -> ViewCentre:
-    """Write the QC picture of one case to `out_png` (atomically) and return the view centre it used.
-    `mask` and `reference` must be on the CT grid (InputError otherwise); the PET may be on any grid."""
+def draw_qc(*, out_png: Path, **kwargs) -> ViewCentre:
+    """Write the QC picture of one case (`qc_figure`'s keywords) to `out_png`, atomically; the view centre."""
+    fig, centre = qc_figure(**kwargs)
+    _save_atomic(fig, out_png)
+    return centre
+
+
+def qc_figure(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sitk.Image | None = None,
+              boxes: list[tuple[str, Box]] = (), title: str = "", case: str = "",
+              suv_per_stored_value: float = 1.0) -> tuple[Figure, ViewCentre]:
+    """The QC picture of one case and the view centre it used. `mask` and `reference` must be on the CT grid
+    (InputError otherwise); the PET may be on any grid."""
     ct_grid = Grid.of(ct)
     _check_grid(mask, ct_grid, "mask")
     if reference is not None:
         _check_grid(reference, ct_grid, "reference")
     centre = view_centre(mask=mask, reference=reference, pet=pet, ct_grid=ct_grid)
-    views = _views(centre.center_xyz_mm)
+    views = _views(centre.center_xyz_mm, _lps_box(ct_grid))  # the CT's field: the mask lies in it
     field = _lps_box(ct_grid).intersect(_lps_box(Grid.of(pet))) or _lps_box(Grid.of(pet))
     mip, mip_extent = _mip(pet, field)
 
@@ -277,7 +331,7 @@ def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sit
         ref_2d = _plane(reference, view, labels=True) if reference is not None else None
         for row, (picture, cmap, window) in enumerate(((ct_2d, "gray", CT_WINDOW_HU),
                                                        (pet_2d, "gray_r", PET_WINDOW_SUV))):
-            ax = fig.add_subplot(grid_spec[row, col])
+            ax = fig.add_subplot(grid_spec[row, col], gid=f"{view.name} {'CT' if row == 0 else 'PET'}")
             ax.imshow(picture, cmap=cmap, vmin=window[0], vmax=window[1], extent=view.extent,
                       origin="upper" if view.rows_down else "lower", interpolation="nearest")
             _contours(ax, view, mask_2d, MASK_COLOURS, "solid", 1.6)
@@ -290,9 +344,12 @@ def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sit
                     ha="left", va="top", color="white" if row == 0 else "black", fontsize=9,
                     bbox={"facecolor": "black" if row == 0 else "white", "alpha": 0.6, "lw": 0, "pad": 1})
 
-    ax = fig.add_subplot(grid_spec[:, 3])
+    ax = fig.add_subplot(grid_spec[:, 3], gid="mip")
     ax.imshow(mip * np.float32(suv_per_stored_value), cmap="gray_r", vmin=PET_WINDOW_SUV[0], vmax=PET_WINDOW_SUV[1],
               extent=mip_extent, origin="lower", interpolation="bilinear")
+    ax.set_xlim(mip_extent[0], mip_extent[1])
+    ax.set_ylim(mip_extent[2], mip_extent[3])
+    anchors = []
     for i, (name, box) in enumerate(boxes):
         colour = BOX_COLOURS[i % len(BOX_COLOURS)]
         outline = _box_outline_xz(box)
@@ -300,11 +357,10 @@ def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sit
         top_left = outline[np.lexsort((outline[:, 0], -outline[:, 1]))[0]]
         # a box wider or taller than the MIP (the localiser's whole-scan box) keeps its name in view
         top_left = (np.clip(top_left[0], *sorted(mip_extent[:2])), np.clip(top_left[1], *sorted(mip_extent[2:])))
-        ax.text(top_left[0], top_left[1], f" {name}", color=colour, fontsize=9, ha="left", va="top", clip_on=True)
+        anchors.append((name, colour, top_left))
+    _box_labels(ax, anchors)
     cx, _, cz = centre.center_xyz_mm
     ax.plot([cx], [cz], marker="+", markersize=14, markeredgewidth=2, color=CENTRE_COLOUR)
-    ax.set_xlim(mip_extent[0], mip_extent[1])
-    ax.set_ylim(mip_extent[2], mip_extent[3])
     ax.set_xticks([])
     ax.set_yticks([])
     _letters(ax, ("R", "L", "S", "I"), "#b08000")
@@ -322,8 +378,7 @@ def draw_qc(*, ct: sitk.Image, pet: sitk.Image, mask: sitk.Image, reference: sit
     fig.suptitle(_title(case=case, mask_ml=_volumes_ml(mask),
                         reference_ml=_volumes_ml(reference) if reference is not None else None,
                         centre=centre, title=title), color="white", fontsize=11)
-    _save_atomic(fig, out_png)
-    return centre
+    return fig, centre
 
 
 def case_name(path: Path) -> str:

@@ -125,7 +125,7 @@ def three_cases():
         # GTVp shifted by half (Dice 0.5); GTVn found exactly (8 voxels)
         (label_map(gtvp=[((2, 5, 10), cube)], gtvn=[((2, 30, 30), smaller)]),
          label_map(gtvp=[((2, 5, 5), cube)], gtvn=[((2, 30, 30), smaller)])),
-        # no GTVp in the reference (excluded from the GTVp mean), a false GTVp; a missed node of 27 voxels
+        # no GTVp in the reference, a false GTVp (0 in the official mean); a missed node of 27 voxels
         (label_map(gtvp=[((2, 5, 5), small)]), label_map(gtvn=[((2, 30, 30), small)])),
         # GTVp exact; a false node of 8 voxels
         (label_map(gtvp=[((2, 5, 5), cube)], gtvn=[((2, 30, 30), smaller)]), label_map(gtvp=[((2, 5, 5), cube)])),
@@ -137,7 +137,9 @@ def test_aggregate_by_hand():
              enumerate(three_cases())]
     summary = aggregate(cases)
     assert list(summary)[:3] == ["gtvp_dice_mean", "gtvn_dscagg", "gtvn_f1agg"]
-    assert summary["gtvp_dice_mean"] == pytest.approx((0.5 + 1.0) / 2)
+    # official: every case; case 1 has no reference GTVp but a predicted one, so it scores 0
+    assert summary["gtvp_dice_mean"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert summary["gtvp_dice_mean_cases_with_gtvp"] == pytest.approx((0.5 + 1.0) / 2)
     assert summary["n_cases"] == 3 and summary["n_cases_without_gtvp"] == 1
     assert summary["gtvn_dscagg"] == pytest.approx(2 * 8 / ((8 + 8) + (0 + 27) + (8 + 0)))
     assert summary["gtvp_dscagg"] == pytest.approx(2 * (500 + 0 + 1000) / ((1000 + 1000) + (27 + 0) + (1000 + 1000)))
@@ -149,11 +151,31 @@ def test_aggregate_by_hand():
     assert summary["gtvn_nsd_2mm_mean"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
 
 
-def test_aggregate_without_any_lesion_is_perfect_and_without_gtvp_undefined():
+def test_aggregate_without_any_lesion_is_perfect_and_the_mean_over_gtvp_cases_undefined():
     empty = np.zeros((4, 4, 4), np.uint8)
     summary = aggregate([evaluate_arrays(empty, empty, spacing_zyx_mm=SPACING_ZYX_MM, case="a")])
-    assert (summary["gtvp_dice_mean"], summary["gtvn_dscagg"], summary["gtvn_f1agg"]) == (None, 1.0, 1.0)
+    assert (summary["gtvp_dice_mean"], summary["gtvn_dscagg"], summary["gtvn_f1agg"]) == (1.0, 1.0, 1.0)
+    assert summary["gtvp_dice_mean_cases_with_gtvp"] is None
     assert summary["gtvp_hd95_mm_mean"] is None
+
+
+def test_official_gtvp_mean_counts_empty_references_as_one_or_zero():
+    """HECKTOR 2025: the mean over all patients. A reference without GTVp scores 1 for an empty prediction and 0
+    for any predicted GTVp, however small; the second figure ignores those cases."""
+    cube, voxel = (10, 10, 10), (1, 1, 1)
+    pairs = [(label_map(gtvp=[((2, 5, 10), cube)]), label_map(gtvp=[((2, 5, 5), cube)])),  # Dice 0.5
+             (label_map(), label_map()),  # no GTVp anywhere: 1
+             (label_map(gtvp=[((2, 5, 5), voxel)]), label_map()),  # one false voxel: 0
+             (label_map(gtvn=[((2, 30, 30), voxel)]), label_map(gtvn=[((2, 30, 30), voxel)]))]  # nodes only: 1
+    cases = [evaluate_arrays(p, r, spacing_zyx_mm=SPACING_ZYX_MM, case=str(i)) for i, (p, r) in enumerate(pairs)]
+    assert [c.gtvp.dice for c in cases] == [0.5, 1.0, 0.0, 1.0]
+    summary = aggregate(cases)
+    assert summary["gtvp_dice_mean"] == pytest.approx((0.5 + 1.0 + 0.0 + 1.0) / 4)
+    assert summary["gtvp_dice_mean_cases_with_gtvp"] == pytest.approx(0.5)
+    assert summary["n_cases_without_gtvp"] == 3
+    text = metrics.summary_text(summary)
+    assert "GTVp Dice mean 0.6250 (all cases; no reference GTVp: 1 if none predicted, else 0)" in text
+    assert "GTVp Dice mean over the 1 cases with a reference GTVp 0.5000" in text
 
 
 # --- HD95 and NSD against MONAI ------------------------------------------------------------------------------
@@ -274,7 +296,8 @@ def test_evaluate_command_writes_json_and_csv(folders, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     summary = report["aggregate"]
     assert list(summary)[:3] == ["gtvp_dice_mean", "gtvn_dscagg", "gtvn_f1agg"]
-    assert summary["gtvp_dice_mean"] == pytest.approx(0.75)
+    assert summary["gtvp_dice_mean"] == pytest.approx(0.5)
+    assert summary["gtvp_dice_mean_cases_with_gtvp"] == pytest.approx(0.75)
     assert summary["gtvn_dscagg"] == pytest.approx(16 / 51) and summary["gtvn_f1agg"] == pytest.approx(0.5)
     assert [c["case"] for c in report["cases"]] == ["case0", "case1", "case2"]
     assert report["cases"][1]["gtvp_hd95_mm"] is None and report["cases"][1]["gtvn_fn"] == 1
@@ -286,7 +309,8 @@ def test_evaluate_command_writes_json_and_csv(folders, tmp_path, capsys):
     assert (rows[1]["gtvn_tp"], rows[1]["gtvn_fp"], rows[1]["gtvn_fn"]) == ("0", "0", "1")
     assert rows[1]["gtvp_hd95_mm"] == "" and float(rows[1]["gtvp_nsd_2mm"]) == 0.0
     out = capsys.readouterr().out
-    assert "3 cases (1 without GTVp)" in out and "GTVp Dice mean 0.7500" in out and "F1agg 0.5000" in out
+    assert "3 cases (1 without GTVp)" in out and "GTVp Dice mean 0.5000 (all cases" in out and "F1agg 0.5000" in out
+    assert "over the 2 cases with a reference GTVp 0.7500" in out
 
 
 def test_two_mask_files_are_one_case_whatever_their_names(folders, tmp_path):

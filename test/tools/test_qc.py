@@ -1,5 +1,6 @@
 """QC pictures: the view centre on oblique/permuted geometry, its fallbacks, the picture's orientation (contour
-colours where radiological convention puts them), ROI boxes from run reports, and `hnseg qc`."""
+colours where radiological convention puts them), ROI boxes from run reports, a HECKTOR-2020-style small crop
+(views centred on the data, box names apart, measured by matplotlib's renderer), and `hnseg qc`."""
 
 import json
 
@@ -14,12 +15,14 @@ from hnseg_infer.cli.main import main
 from hnseg_infer.errors import InputError
 from hnseg_infer.geometry.grid import IDENTITY, Box, Grid
 from hnseg_infer.tools.qc import (
+    BOX_LABEL_GID,
     DPI,
     FIGURE_SIZE_IN,
     MASK_COLOURS,
     REFERENCE_COLOURS,
     boxes_from_report,
     draw_qc,
+    qc_figure,
     view_centre,
 )
 
@@ -218,3 +221,77 @@ def test_cli_qc_errors_name_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(off_grid["mask"]) in err and "not on the grid" in err
     assert not out.exists()
+
+
+# --- a HECKTOR-2020-style crop: CT and PET cut to a 144 mm box on one 1×1×3 mm grid --------------------------
+
+CROP_CENTRE = np.array([5.0, -30.0, 80.0])
+CROP_GRID = {"size_xyz": (144, 144, 48), "spacing_xyz_mm": (1.0, 1.0, 3.0),
+             "origin_xyz_mm": tuple(CROP_CENTRE - np.array([71.5, 71.5, 70.5])), "direction": IDENTITY}
+CROP_GTVP = CROP_CENTRE + [22.0, 16.0, 30.0]  # off the crop's centre: views centred on it would not be on the data
+
+
+def _crop_case():
+    def labels(p):
+        out = np.where(np.linalg.norm(p - (CROP_GTVP + [-30.0, 0, 0]), axis=1) <= 6.0, 2, 0)
+        return np.where(np.linalg.norm(p - CROP_GTVP, axis=1) <= 9.0, 1, out)
+
+    # soft tissue everywhere (grey in the CT window), so that the crop's edge shows against the black outside it
+    ct = image_from_function(lambda p: 40.0 + 30.0 * (labels(p) > 0), **CROP_GRID)
+    pet = image_from_function(lambda p: 1.0 + 8.0 * (labels(p) == 1), **CROP_GRID)
+    mask = sitk.Cast(image_from_function(labels, **CROP_GRID), sitk.sitkUInt8)
+    # the demo cascade's boxes: the localiser's and the coarse stage's are larger than the crop, the fine cube
+    # sticks out of it, and a fixed ROI is the crop itself
+    boxes = [("localise_head", Box.around(CROP_CENTRE, (512, 512, 384))),
+             ("coarse", Box.around(CROP_CENTRE + [0, 0, -40], (200, 200, 310))),
+             ("fine", Box.around(CROP_GTVP, (144, 144, 144))),
+             ("roi (fixed)", Box.around(CROP_CENTRE, (144, 144, 144)))]
+    return ct, pet, mask, boxes
+
+
+def _grey_bounds_px(fig, renderer, ax):
+    """(column, row) centre of the CT's grey pixels inside `ax`, and of `ax` itself, in canvas pixels."""
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent(renderer)
+    height = rgb.shape[0]
+    rows = slice(int(height - box.y1) + 1, int(height - box.y0) - 1)
+    cols = slice(int(box.x0) + 1, int(box.x1) - 1)
+    panel = rgb[rows, cols]
+    grey = (np.ptp(panel, axis=-1) < 8) & (panel[..., 0] > 100) & (panel[..., 0] < 150)
+    # rows and columns that cross the grey square (anti-aliased letters give a few grey pixels too)
+    r, c = np.flatnonzero(grey.sum(axis=1) > 50), np.flatnonzero(grey.sum(axis=0) > 50)
+    data = ((c.min() + c.max()) / 2 + cols.start, (r.min() + r.max()) / 2 + rows.start)
+    return np.array(data), np.array([(box.x0 + box.x1) / 2, height - (box.y0 + box.y1) / 2])
+
+
+def test_small_crop_views_are_centred_and_box_names_do_not_overlap():
+    ct, pet, mask, boxes = _crop_case()
+    fig, centre = qc_figure(ct=ct, pet=pet, mask=mask, boxes=boxes)
+    assert centre.source == "mask" and np.linalg.norm(np.subtract(centre.center_xyz_mm, CROP_GTVP)) < 1.0
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    labels = fig.findobj(lambda artist: artist.get_gid() == BOX_LABEL_GID)
+    assert [label.get_text().strip() for label in labels] == [name for name, _ in boxes]
+    extents = [label.get_window_extent(renderer) for label in labels]
+    patches = [label.get_bbox_patch().get_window_extent(renderer) for label in labels]
+    for i in range(len(labels)):
+        for j in range(i):
+            assert not extents[i].overlaps(extents[j]), f"{labels[i].get_text()} over {labels[j].get_text()}"
+            assert not patches[i].overlaps(patches[j])
+    mip = next(ax for ax in fig.axes if ax.get_gid() == "mip").get_window_extent(renderer)
+    for extent in extents:  # inside the MIP panel: nothing clipped away
+        assert mip.x0 <= extent.x0 and extent.x1 <= mip.x1 and mip.y0 <= extent.y0 and extent.y1 <= mip.y1
+
+    field_centre = Grid.of(ct).box().center_xyz_mm
+    for ax in fig.axes:
+        view, _, modality = (ax.get_gid() or "").partition(" ")
+        if view not in ("axial", "coronal", "sagittal"):
+            continue
+        left, right, bottom, top = ax.images[0].get_extent()
+        in_plane = {"axial": (0, 1), "coronal": (0, 2), "sagittal": (1, 2)}[view]
+        assert (left + right) / 2 == pytest.approx(field_centre[in_plane[0]], abs=0.5), ax.get_gid()
+        assert (bottom + top) / 2 == pytest.approx(field_centre[in_plane[1]], abs=0.5), ax.get_gid()
+        if modality == "CT":  # and on the canvas: the crop's grey square sits in the middle of its panel
+            data_px, panel_px = _grey_bounds_px(fig, renderer, ax)
+            assert np.abs(data_px - panel_px).max() <= 2.0, ax.get_gid()
