@@ -2,6 +2,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo's environment: the container's CPU runtime set alone (no torch, nnU-Net or MONAI).
+DEMO_VENV := .venv-demo
+DEMO_BIN := $(DEMO_VENV)/bin
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: venv test test-fast demo bench clean
 DEMO := demo-out
@@ -14,6 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+$(DEMO_STAMP): pyproject.toml requirements-cpu.txt
+	$(PY) -m venv $(DEMO_VENV)
+	$(DEMO_BIN)/pip install --quiet --upgrade pip
+	$(DEMO_BIN)/pip install --quiet -r requirements-cpu.txt -e .
+	touch $(DEMO_STAMP)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
@@ -21,12 +31,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not torch and not gpu"
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	rm -rf $(DEMO)
-	$(BIN)/hnseg phantom --seed 1 --fov whole-body --out $(DEMO)/case
-	$(BIN)/python process.py --input $(DEMO)/case/input --output $(DEMO)/output --weights weights/demo \
+	$(DEMO_BIN)/hnseg phantom --seed 1 --fov whole-body --out $(DEMO)/case
+	$(DEMO_BIN)/python process.py --input $(DEMO)/case/input --output $(DEMO)/output --weights weights/demo \
 		--report $(DEMO)/report.json --qc $(DEMO)/qc.png --device cpu
-	$(BIN)/hnseg evaluate --pred $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha --gt $(DEMO)/case/reference/*.mha \
+	$(DEMO_BIN)/hnseg evaluate --pred $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha --gt $(DEMO)/case/reference/*.mha \
 		--json $(DEMO)/metrics.json
 	@echo
 	@echo "mask:       $(DEMO)/output/images/tumor-lymph-node-segmentation/output.mha"
@@ -41,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/parity_demo_nnunet.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache
