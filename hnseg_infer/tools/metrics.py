@@ -25,8 +25,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from hnseg_infer.errors import InputError, OutputError
+from hnseg_infer.errors import InputError
 from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.io.atomic import write_bytes_atomic
 from hnseg_infer.io.images import read_image
 
 LABELS = {"gtvp": 1, "gtvn": 2}
@@ -315,12 +316,7 @@ def summary_text(summary: dict) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc}; check that the folder is writable") from exc
+    write_bytes_atomic(path, text.encode())  # OutputError naming the file when it cannot be written
 
 
 def csv_text(cases: Sequence[CaseMetrics]) -> str:
