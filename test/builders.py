@@ -26,6 +26,7 @@ def save_linear_model(path: Path, weight_kc, bias_k, *, fixed_patch_zyx=None) ->
     b = numpy_helper.from_array(np.asarray(bias_k, np.float32), "B")
     graph = helper.make_graph([helper.make_node("Conv", ["input", "W", "B"], ["logits"])], "linear", [x], [y], [w, b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)  # onnx 1.23 writes IR 14; the image's onnxruntime 1.22 reads <= 10
     onnx.checker.check_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
