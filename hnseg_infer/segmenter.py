@@ -99,8 +99,7 @@ class Segmenter:
         `report`: collect into this report (a caller that writes it after a failure passes its own).
         Raises HnsegError subclasses on bad input, recipe or model."""
         report = report if report is not None else RunReport()
-        reason = ct_only_reason(self.recipe, pet_given=pet is not None, pet_label=_label(pet), ct_only=ct_only,
-                                pet_missing=pet_missing)
+        reason = ct_only_reason(self.recipe, pet=pet, ct_only=ct_only, pet_missing=pet_missing)
         if isinstance(clicks, (str, Path)):
             clicks = load_clicks(Path(clicks))
         with report.stage("read_and_validate"):
@@ -241,17 +240,13 @@ def roi_record(roi: RoiResult) -> dict:
     return {"method": roi.method, "fell_back": roi.fell_back, "box": roi.box.to_dict(), "record": roi.record}
 
 
-def _label(image: ImageOrPath | None) -> str | None:
-    return None if image is None or isinstance(image, sitk.Image) else str(image)
-
-
 def _uncertainty_config(recipe: Recipe, uncertainty: UncertaintyOptions | bool | None):
     if uncertainty is None or uncertainty is False:
         return None
     return resolve(recipe, UncertaintyOptions() if uncertainty is True else uncertainty)
 
 
-def ct_only_reason(recipe: Recipe, *, pet_given: bool, pet_label: str | None = None, ct_only: bool,
+def ct_only_reason(recipe: Recipe, *, pet: ImageOrPath | None, ct_only: bool,
                    pet_missing: MissingPetError | None = None) -> str | None:
     """Why the case runs CT-only (None: it runs on PET/CT); an error when the recipe does not allow it."""
     if ct_only:
@@ -259,8 +254,8 @@ def ct_only_reason(recipe: Recipe, *, pet_given: bool, pet_label: str | None = N
             raise RecipeError(f"--ct-only: recipe {recipe.name!r} ({recipe.path}) does not allow CT-only mode (its "
                               f"models need PET; it does not set \"pet_optional\": true): drop --ct-only and give the "
                               f"PET, or use weights trained for CT-only input")
-        return "asked for with --ct-only" + (f"; PET {pet_label} not read" if pet_label is not None else "")
-    if pet_given:
+        return "asked for with --ct-only" + (f"; PET {pet} not read" if isinstance(pet, (str, Path)) else "")
+    if pet is not None:
         return None
     if not recipe.pet_optional:
         needs = f"recipe {recipe.name!r} needs PET: it does not allow CT-only input (no \"pet_optional\": true)"
