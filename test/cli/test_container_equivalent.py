@@ -112,3 +112,26 @@ def test_hnseg_predict_from_the_wheel_alone(sandbox):
     assert mask.max() == 1
     if "mask" in sandbox:
         assert np.array_equal(mask, sandbox["mask"])
+
+
+IMAGE_PYTHON = "3.10"  # the Dockerfile's base image is Ubuntu 22.04, whose python3 is 3.10
+LINUX_WHEELS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64")
+
+
+def test_the_image_pins_have_wheels_for_the_image_python(tmp_path):
+    """What the Dockerfile installs (requirements-cpu.txt less onnxruntime, plus onnxruntime-gpu) resolves to wheels
+    for the image's Python: a pin made on a newer Python (matplotlib 3.11 needs 3.11) fails `docker build` only.
+    tensorrt-cu12-libs is left out: on PyPI it is a source stub that fetches NVIDIA's wheel at build time."""
+    shared = [line for line in (REPO / "requirements-cpu.txt").read_text().splitlines()
+              if line.strip() and not line.startswith(("#", "onnxruntime=="))]
+    gpu = [line for line in (REPO / "requirements-gpu.txt").read_text().splitlines()
+           if line.strip() and not line.startswith(("#", "tensorrt-"))]
+    (tmp_path / "req.txt").write_text("\n".join(shared + gpu) + "\n")
+    platforms = [arg for tag in LINUX_WHEELS for arg in ("--platform", tag)]
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                             "--target", str(tmp_path / "site"), "--python-version", IMAGE_PYTHON, *platforms,
+                             "--only-binary=:all:", "-r", str(tmp_path / "req.txt")],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode and "Network is unreachable" in result.stderr + result.stdout:
+        pytest.skip("needs PyPI (as `make test` does)")
+    assert result.returncode == 0, result.stderr[-2000:]
