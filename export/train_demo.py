@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
+from hnseg_infer.channels.intensity import validate_ops  # noqa: E402
 from hnseg_infer.geometry.grid import Box, Grid, sample_labels  # noqa: E402
 from hnseg_infer.io.images import Case, detect_pet_unit  # noqa: E402
 from hnseg_infer.recipe.load import ChannelSpec, GridSpec, load_recipe  # noqa: E402
@@ -130,9 +131,9 @@ class ModelPlan:
     def channels(self) -> tuple[ChannelSpec, ...]:
         """The channel specs of the exported recipe: nnU-Net normalises the native image, then B-spline resamples
         (ops_before_sampling); MONAI resamples linearly, then normalises."""
-        if self.route == "nnunet":
-            return tuple(ChannelSpec(s, "bspline", tuple(o), True) for s, o in zip(self.sources, self.ops))
-        return tuple(ChannelSpec(s, "linear", tuple(o), False) for s, o in zip(self.sources, self.ops))
+        nnunet = self.route == "nnunet"
+        return tuple(ChannelSpec(s, "bspline" if nnunet else "linear", validate_ops(o, source=s, where=self.name),
+                                 nnunet) for s, o in zip(self.sources, self.ops))
 
 
 def _monai_range_ops(low: float, high: float) -> tuple[dict, ...]:
@@ -575,7 +576,7 @@ def _check_recipe_matches(plan: ModelPlan, folder: Path) -> None:
     for k, (trained, exported) in enumerate(zip(plan.channels, spec.channels)):
         if (trained.source, trained.interpolation, trained.ops_before_sampling) != (
                 exported.source, exported.interpolation, exported.ops_before_sampling) \
-                or not _same_ops(trained.ops, exported.ops):
+                or not _same_ops([op.to_json() for op in trained.ops], [op.to_json() for op in exported.ops]):
             differ.append(f"channel {k}: trained {trained}, recipe {exported}")
     if differ:
         raise SystemExit(f"{folder / 'recipe.json'} does not feed {plan.name} as it was trained: " + "; ".join(differ))

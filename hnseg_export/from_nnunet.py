@@ -205,8 +205,8 @@ def _channels(predictor, sources, pet_values: str, channel_ops: list | None = No
     channels = []
     for index, (name, source) in enumerate(zip(names, sources)):
         scheme = config.normalization_schemes[index]
-        made = list(validate_ops(channel_ops[index], source=source, where=f"--channel-ops[{index}] ({name})")
-                    if channel_ops is not None else ())
+        given = channel_ops[index] if channel_ops is not None else []
+        made = [op.to_json() for op in validate_ops(given, source=source, where=f"--channel-ops[{index}] ({name})")]
         converts = source == "pet" and pet_values == "suv" and not any(op["op"] == "suv" for op in made)
         ops = [{"op": "suv"}] * converts + made
         ops += _normalisation(scheme, config.use_mask_for_norm[index],

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from hnseg_infer.channels.clicks import PROMPT_SOURCES, Clicks
 from hnseg_infer.channels.clicks import encode as encode_clicks
-from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.channels.intensity import SpectrumSwap, apply_ops
 from hnseg_infer.geometry.grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
 from hnseg_infer.io.images import FILL_VALUE, Case
 from hnseg_infer.recipe.load import ChannelSpec, ModelSpec
@@ -78,8 +78,8 @@ def _around(image: sitk.Image, grid: Grid, *, margin: int = 3) -> sitk.Image:
 
 def harmonisation_notes(spec: ModelSpec, grid: Grid) -> list[str]:
     """What a model's spectrum_swap ops do on a grid whose size is not their reference's (a mapped reference)."""
-    return [note for channel in spec.channels for op in channel.ops if op["op"] == "spectrum_swap"
-            if (note := op["reference"].block_for(grid.size_zyx, op["radius"])[1])]
+    return [note for channel in spec.channels for op in channel.ops if isinstance(op, SpectrumSwap)
+            if (note := op.reference.block_for(grid.size_zyx, op.radius)[1])]
 
 
 def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_factor: float, resample) -> np.ndarray:

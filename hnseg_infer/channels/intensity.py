@@ -1,136 +1,261 @@
 """The channel catalogue: how each model input channel is made from the sampled CT or PET.
 
-A channel is a source ("ct", "pet" or "zero") and a list of operations applied in order, each a small dict
-declared in the recipe. Statistics (z-score, min-max) are taken over the model's input grid.
+A channel is a source ("ct", "pet" or "zero") and a list of operations applied in order. Each operation is a small
+frozen dataclass, one per op name in `OPS`; the recipe writes it as an object `{"op": NAME, PARAM: VALUE, ...}`
+whose keys are the dataclass's fields (a field with a default is optional). Statistics (z-score, min-max) are taken
+over the model's input grid.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import ClassVar
 
 import numpy as np
 
-from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, harmonise, load_reference
+from hnseg_infer.channels.harmonise import DEFAULT_RADIUS, SpectrumReference, harmonise, load_reference
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.vocabulary import ChannelSource, values
 
 SOURCES = values(ChannelSource)
 
 
-def _window(x, *, min, max, to):  # noqa: A002 - recipe key names
-    lo, hi = to
-    return (np.clip(x, min, max) - min) / (max - min) * (hi - lo) + lo
+@dataclass(frozen=True)
+class Op:
+    """One intensity operation: float32 array in, array out. `sources`: the channel sources it applies to."""
+
+    name: ClassVar[str]
+    sources: ClassVar[tuple[str, ...]] = SOURCES
+
+    def apply(self, x: np.ndarray, suv_per_stored_value: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def check(self, where: str) -> None:
+        """RecipeError for a value out of range (types are checked by `parse_op`)."""
+
+    def to_json(self) -> dict:
+        return {"op": self.name, **{f.name: _json_value(getattr(self, f.name)) for f in fields(self)}}
 
 
-def _clip(x, *, min, max):  # noqa: A002
-    return np.clip(x, min, max)
+def _json_value(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
-def _minmax(x, *, to):
-    lo, hi = to
-    x_min, x_max = float(x.min()), float(x.max())
-    if x_max == x_min:
-        return np.full_like(x, lo)
-    return (x - x_min) / (x_max - x_min) * (hi - lo) + lo
+@dataclass(frozen=True)
+class Window(Op):
+    name: ClassVar[str] = "window"
+    min: float  # noqa: A003 - the recipe's key names
+    max: float  # noqa: A003
+    to: tuple[float, float]
+
+    def apply(self, x, suv_per_stored_value):
+        lo, hi = self.to
+        return (np.clip(x, self.min, self.max) - self.min) / (self.max - self.min) * (hi - lo) + lo
+
+    def check(self, where):
+        _check_range(self, where)
 
 
-def _zscore(x, *, over):
-    if over == "nonzero":
-        mask = x != 0
-        if not mask.any():
-            return np.zeros_like(x)
-        values = x[mask]
-        return np.where(mask, (x - values.mean()) / max(float(values.std()), 1e-8), 0).astype(np.float32)
-    return (x - x.mean()) / max(float(x.std()), 1e-8)
+@dataclass(frozen=True)
+class Clip(Op):
+    name: ClassVar[str] = "clip"
+    min: float  # noqa: A003
+    max: float  # noqa: A003
+
+    def apply(self, x, suv_per_stored_value):
+        return np.clip(x, self.min, self.max)
+
+    def check(self, where):
+        _check_range(self, where)
 
 
-def _nnunet_ct(x, *, percentile_00_5, percentile_99_5, mean, std):
+def _check_range(op: Window | Clip, where: str) -> None:
+    if not op.max > op.min:
+        raise RecipeError(f"{where}: op {op.name!r} needs max > min, got min={op.min} max={op.max}")
+
+
+@dataclass(frozen=True)
+class MinMax(Op):
+    name: ClassVar[str] = "minmax"
+    to: tuple[float, float]
+
+    def apply(self, x, suv_per_stored_value):
+        lo, hi = self.to
+        x_min, x_max = float(x.min()), float(x.max())
+        if x_max == x_min:
+            return np.full_like(x, lo)
+        return (x - x_min) / (x_max - x_min) * (hi - lo) + lo
+
+
+@dataclass(frozen=True)
+class ZScore(Op):
+    name: ClassVar[str] = "zscore"
+    over: str  # "all" voxels, or the "nonzero" ones (zeros stay zero)
+
+    def apply(self, x, suv_per_stored_value):
+        if self.over == "nonzero":
+            mask = x != 0
+            if not mask.any():
+                return np.zeros_like(x)
+            inside = x[mask]
+            return np.where(mask, (x - inside.mean()) / max(float(inside.std()), 1e-8), 0).astype(np.float32)
+        return (x - x.mean()) / max(float(x.std()), 1e-8)
+
+    def check(self, where):
+        if self.over not in ("all", "nonzero"):
+            raise RecipeError(f"{where}: zscore 'over' must be 'all' or 'nonzero', got {self.over!r}")
+
+
+@dataclass(frozen=True)
+class NnunetCt(Op):
     """nnU-Net v2 CTNormalization: clip to the dataset's foreground percentiles, then dataset mean/std."""
-    return (np.clip(x, percentile_00_5, percentile_99_5) - mean) / max(std, 1e-8)
+
+    name: ClassVar[str] = "nnunet_ct"
+    percentile_00_5: float
+    percentile_99_5: float
+    mean: float
+    std: float
+
+    def apply(self, x, suv_per_stored_value):
+        return (np.clip(x, self.percentile_00_5, self.percentile_99_5) - self.mean) / max(self.std, 1e-8)
 
 
-def _min_over_std(x):
+@dataclass(frozen=True)
+class MinOverStd(Op):
     """(x − min) / std, the sample std (N − 1) as torch's x.std(): Auto3DSeg segresnet's "pet" normalize_mode
     before its sigmoid (Project-MONAI/research-contributions auto3dseg/algorithm_templates/segresnet)."""
-    std = float(x.std(ddof=1)) if x.size > 1 else 0.0
-    return (x - x.min()) / max(std, 1e-8)
+
+    name: ClassVar[str] = "min_over_std"
+
+    def apply(self, x, suv_per_stored_value):
+        std = float(x.std(ddof=1)) if x.size > 1 else 0.0
+        return (x - x.min()) / max(std, 1e-8)
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+@dataclass(frozen=True)
+class Sigmoid(Op):
+    name: ClassVar[str] = "sigmoid"
+
+    def apply(self, x, suv_per_stored_value):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
-def _power(x, *, exponent):
-    return np.power(x, exponent)
+@dataclass(frozen=True)
+class Power(Op):
+    name: ClassVar[str] = "power"
+    exponent: float
+
+    def apply(self, x, suv_per_stored_value):
+        return np.power(x, self.exponent)
 
 
-def _cbrt(x):
-    return np.cbrt(x)
+@dataclass(frozen=True)
+class Cbrt(Op):
+    name: ClassVar[str] = "cbrt"
+
+    def apply(self, x, suv_per_stored_value):
+        return np.cbrt(x)
 
 
-def _scale(x, *, factor, offset=0.0):
-    return x * factor + offset
+@dataclass(frozen=True)
+class Scale(Op):
+    name: ClassVar[str] = "scale"
+    factor: float
+    offset: float = 0.0
+
+    def apply(self, x, suv_per_stored_value):
+        return x * self.factor + self.offset
 
 
-# op name → (function, required parameter names, optional parameter names)
-OPS: dict[str, tuple[Callable, set[str], set[str]]] = {
-    "window": (_window, {"min", "max", "to"}, set()),
-    "clip": (_clip, {"min", "max"}, set()),
-    "minmax": (_minmax, {"to"}, set()),
-    "zscore": (_zscore, {"over"}, set()),
-    "nnunet_ct": (_nnunet_ct, {"percentile_00_5", "percentile_99_5", "mean", "std"}, set()),
-    "min_over_std": (_min_over_std, set(), set()),
-    "sigmoid": (_sigmoid, set(), set()),
-    "power": (_power, {"exponent"}, set()),
-    "cbrt": (_cbrt, set(), set()),
-    "scale": (_scale, {"factor"}, {"offset"}),
-    # PET stored values → SUV (× the factor found by unit detection); bound at run time.
-    "suv": (None, set(), set()),
-    # CT harmonisation (harmonise.py): each axial slice's low-frequency DCT block replaced by the reference's.
-    # "reference" names a file in the recipe's folder, loaded (and hashed) when the recipe is.
-    "spectrum_swap": (harmonise, {"reference"}, {"radius"}),
-}
+@dataclass(frozen=True)
+class Suv(Op):
+    """PET stored values → SUV: × the factor the case's unit detection found (io/images.py)."""
+
+    name: ClassVar[str] = "suv"
+    sources: ClassVar[tuple[str, ...]] = ("pet",)
+
+    def apply(self, x, suv_per_stored_value):
+        return x * np.float32(suv_per_stored_value)
 
 
-def validate_ops(ops: list, *, source: str, where: str, folder: Path | None = None) -> tuple[dict, ...]:
-    """Check a channel's op list once, at recipe load; RecipeError naming the op and key at fault. `folder` (the
-    recipe's) holds the files ops name; a `spectrum_swap` op comes back with its reference loaded."""
-    checked = []
-    for i, op in enumerate(ops):
-        if not isinstance(op, dict) or "op" not in op:
-            raise RecipeError(f"{where}: ops[{i}] must be an object with an 'op' key, got {op!r}")
-        name = op["op"]
-        if name not in OPS:
-            raise RecipeError(f"{where}: unknown op {name!r} in ops[{i}]; known ops: {', '.join(sorted(OPS))}")
-        _, required, optional = OPS[name]
-        params = set(op) - {"op"}
-        if missing := required - params:
-            raise RecipeError(f"{where}: op {name!r} misses {sorted(missing)}")
-        if unknown := params - required - optional:
-            raise RecipeError(f"{where}: op {name!r} has unknown key(s) {sorted(unknown)}; allowed: "
-                              f"{sorted(required | optional)}")
-        if name == "suv" and source != "pet":
-            raise RecipeError(f"{where}: op 'suv' applies only to a 'pet' source, not {source!r}")
-        if name == "zscore" and op["over"] not in ("all", "nonzero"):
-            raise RecipeError(f"{where}: zscore 'over' must be 'all' or 'nonzero', got {op['over']!r}")
-        if name in ("window", "clip") and not op["max"] > op["min"]:
-            raise RecipeError(f"{where}: op {name!r} needs max > min, got min={op['min']} max={op['max']}")
-        if name == "spectrum_swap":
-            op = _spectrum_swap_op(op, source=source, where=where, folder=folder)
-        checked.append(dict(op))
-    return tuple(checked)
+@dataclass(frozen=True)
+class SpectrumSwap(Op):
+    """CT harmonisation (harmonise.py): each axial slice's low-frequency DCT block replaced by the reference's. The
+    recipe names the reference file in its folder; it is loaded (and hashed) when the recipe is."""
+
+    name: ClassVar[str] = "spectrum_swap"
+    sources: ClassVar[tuple[str, ...]] = ("ct",)
+    reference: SpectrumReference
+    radius: int = DEFAULT_RADIUS
+
+    def apply(self, x, suv_per_stored_value):
+        return harmonise(x, reference=self.reference, radius=self.radius)
+
+    def to_json(self) -> dict:
+        return {"op": self.name, "reference": self.reference.path.name, "radius": self.radius}
 
 
-def _spectrum_swap_op(op: dict, *, source: str, where: str, folder: Path | None) -> dict:
-    """The op with its reference file resolved in the recipe's folder and loaded."""
-    radius = op.get("radius", DEFAULT_RADIUS)
-    if source != "ct":
-        raise RecipeError(f"{where}: op 'spectrum_swap' harmonises CT and applies only to a 'ct' source, not "
-                          f"{source!r}")
+OPS: dict[str, type[Op]] = {op.name: op for op in (Window, Clip, MinMax, ZScore, NnunetCt, MinOverStd, Sigmoid, Power,
+                                                    Cbrt, Scale, Suv, SpectrumSwap)}
+
+
+def validate_ops(ops: list, *, source: str, where: str, folder: Path | None = None) -> tuple[Op, ...]:
+    """A channel's op list, parsed once at recipe load; RecipeError naming the op and key at fault. `folder` (the
+    recipe's) holds the files ops name (a `spectrum_swap` reference, loaded here)."""
+    return tuple(parse_op(op, i, source=source, where=where, folder=folder) for i, op in enumerate(ops))
+
+
+def parse_op(raw, index: int, *, source: str, where: str, folder: Path | None = None) -> Op:
+    if not isinstance(raw, dict) or "op" not in raw:
+        raise RecipeError(f"{where}: ops[{index}] must be an object with an 'op' key, got {raw!r}")
+    name = raw["op"]
+    if name not in OPS:
+        raise RecipeError(f"{where}: unknown op {name!r} in ops[{index}]; known ops: {', '.join(sorted(OPS))}")
+    kind = OPS[name]
+    required = {f.name for f in fields(kind) if f.default is MISSING}
+    allowed = {f.name for f in fields(kind)}
+    params = {key: value for key, value in raw.items() if key != "op"}
+    if missing := required - set(params):
+        raise RecipeError(f"{where}: op {name!r} misses {sorted(missing)}")
+    if unknown := set(params) - allowed:
+        raise RecipeError(f"{where}: op {name!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if source not in kind.sources:
+        raise RecipeError(f"{where}: op {name!r} applies only to a {' or '.join(map(repr, kind.sources))} source, "
+                          f"not {source!r}")
+    if kind is SpectrumSwap:
+        params["reference"] = _load_spectrum_reference(params, where=where, folder=folder)
+    else:
+        params = {key: _typed(value, name, key, where) for key, value in params.items()}
+    op = kind(**params)
+    op.check(where)
+    return op
+
+
+def _typed(value, name: str, key: str, where: str):
+    """A parameter value as the op holds it: a finite number, a pair of them (`to`), or a string (`over`)."""
+    if key == "over":
+        return value
+    if key == "to":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)):
+            raise RecipeError(f"{where}: op {name!r} 'to' must be 2 numbers [low, high], got {value!r}")
+        return tuple(value)
+    if not _is_number(value):
+        raise RecipeError(f"{where}: op {name!r} {key!r} must be a finite number, got {value!r}")
+    return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load_spectrum_reference(params: dict, *, where: str, folder: Path | None) -> SpectrumReference:
+    """The op's reference file resolved in the recipe's folder and loaded."""
+    radius = params.get("radius", DEFAULT_RADIUS)
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
         raise RecipeError(f"{where}: op 'spectrum_swap' radius must be an integer >= 1, got {radius!r}")
-    reference = op["reference"]
+    reference = params["reference"]
     if not isinstance(reference, str) or not reference or Path(reference).is_absolute() or ".." in Path(
             reference).parts:
         raise RecipeError(f"{where}: op 'spectrum_swap' reference must be a file name in the recipe's folder, got "
@@ -138,16 +263,11 @@ def _spectrum_swap_op(op: dict, *, source: str, where: str, folder: Path | None)
     if folder is None:
         raise RecipeError(f"{where}: op 'spectrum_swap' names a file ({reference}) but these ops belong to no "
                           f"weights folder; add it to an exported recipe with export/make_harmonisation_reference.py")
-    loaded = load_reference(Path(folder) / reference, radius=radius, where=f"{where}: op 'spectrum_swap'")
-    return {"op": "spectrum_swap", "reference": loaded, "radius": radius}
+    return load_reference(Path(folder) / reference, radius=radius, where=f"{where}: op 'spectrum_swap'")
 
 
-def apply_ops(x: np.ndarray, ops: tuple[dict, ...], *, suv_per_stored_value: float) -> np.ndarray:
-    """Apply validated ops in order to a float32 array; returns float32."""
+def apply_ops(x: np.ndarray, ops: tuple[Op, ...], *, suv_per_stored_value: float) -> np.ndarray:
+    """Apply parsed ops in order to a float32 array; returns float32."""
     for op in ops:
-        params = {k: v for k, v in op.items() if k != "op"}
-        if op["op"] == "suv":
-            x = x * np.float32(suv_per_stored_value)
-        else:
-            x = OPS[op["op"]][0](x, **params)
+        x = op.apply(x, suv_per_stored_value)
     return np.asarray(x, dtype=np.float32)

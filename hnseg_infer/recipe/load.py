@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from hnseg_infer.channels.harmonise import SpectrumReference, check_fits
-from hnseg_infer.channels.intensity import SOURCES, validate_ops
+from hnseg_infer.channels.intensity import SOURCES, Op, SpectrumSwap, validate_ops
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.io.atomic import file_sha256
+from hnseg_infer.recipe.frozen import FrozenMap, freeze, thaw
 from hnseg_infer.recipe.vocabulary import (
     ChannelSource,
     FoldAverage,
@@ -44,21 +45,14 @@ RESTORES, TILINGS = values(Restore), values(Tiling)
 class ChannelSpec:
     source: ChannelSource
     interpolation: Interpolation
-    ops: tuple[dict, ...]
+    ops: tuple[Op, ...]
     # nnU-Net normalises the native image and then resamples it: a clip before interpolation moves edges (air/body)
     # differently from one after it. True reproduces that order.
     ops_before_sampling: bool = False
 
     def to_json(self) -> dict:
-        return {"source": self.source, "interpolation": self.interpolation, "ops": [_op_json(op) for op in self.ops],
+        return {"source": self.source, "interpolation": self.interpolation, "ops": [op.to_json() for op in self.ops],
                 "ops_before_sampling": self.ops_before_sampling}
-
-
-def _op_json(op: dict) -> dict:
-    """An op as the recipe writes it: a loaded harmonisation reference by its file name."""
-    if op["op"] == "spectrum_swap":
-        return {"op": "spectrum_swap", "reference": op["reference"].path.name, "radius": op["radius"]}
-    return dict(op)
 
 
 @dataclass(frozen=True)
@@ -112,8 +106,26 @@ class GridSpec:
         return out
 
 
+class _Tiling:
+    """What both tilings share; each places its tiles by its own field (`placement`), so a meaningless one cannot
+    be set."""
+
+    kind: ClassVar[Tiling]
+    placement: ClassVar[str]
+
+    def window(self) -> dict:
+        """The keywords of inference.sliding_window.predict_sliding_window, mirroring aside."""
+        return {"patch_zyx": self.patch_size_zyx, "tiling": self.kind, self.placement: getattr(self, self.placement),
+                "tile_batch": self.tile_batch, "gaussian": self.gaussian}
+
+    def to_json(self) -> dict:
+        return {"tiling": self.kind, "patch_size_zyx": list(self.patch_size_zyx),
+                self.placement: getattr(self, self.placement), "tile_batch": self.tile_batch,
+                "gaussian": self.gaussian, "mirror_axes_zyx": list(self.mirror_axes_zyx)}
+
+
 @dataclass(frozen=True)
-class NnunetTiling:
+class NnunetTiling(_Tiling):
     """nnU-Net's sliding window: tiles placed by `step_fraction` of the patch, nnU-Net's Gaussian."""
 
     patch_size_zyx: tuple[int, int, int]
@@ -122,19 +134,11 @@ class NnunetTiling:
     gaussian: bool = True
     mirror_axes_zyx: tuple[int, ...] = ()
     kind: ClassVar[Tiling] = Tiling.NNUNET
-
-    def window(self) -> dict:
-        """The keywords of inference.sliding_window.predict_sliding_window, mirroring aside."""
-        return {"patch_zyx": self.patch_size_zyx, "tiling": self.kind, "step_fraction": self.step_fraction,
-                "tile_batch": self.tile_batch, "gaussian": self.gaussian}
-
-    def to_json(self) -> dict:
-        return {"tiling": self.kind, "patch_size_zyx": list(self.patch_size_zyx), "step_fraction": self.step_fraction,
-                "tile_batch": self.tile_batch, "gaussian": self.gaussian, "mirror_axes_zyx": list(self.mirror_axes_zyx)}
+    placement: ClassVar[str] = "step_fraction"
 
 
 @dataclass(frozen=True)
-class MonaiTiling:
+class MonaiTiling(_Tiling):
     """MONAI's sliding_window_inference: tiles placed by `overlap` (required: MONAI models are validated with their
     own), MONAI's Gaussian."""
 
@@ -144,14 +148,7 @@ class MonaiTiling:
     gaussian: bool = True
     mirror_axes_zyx: tuple[int, ...] = ()
     kind: ClassVar[Tiling] = Tiling.MONAI
-
-    def window(self) -> dict:
-        return {"patch_zyx": self.patch_size_zyx, "tiling": self.kind, "overlap": self.overlap,
-                "tile_batch": self.tile_batch, "gaussian": self.gaussian}
-
-    def to_json(self) -> dict:
-        return {"tiling": self.kind, "patch_size_zyx": list(self.patch_size_zyx), "overlap": self.overlap,
-                "tile_batch": self.tile_batch, "gaussian": self.gaussian, "mirror_axes_zyx": list(self.mirror_axes_zyx)}
+    placement: ClassVar[str] = "overlap"
 
 
 @dataclass(frozen=True)
@@ -167,7 +164,7 @@ class ModelSpec:
     tiling: NnunetTiling | MonaiTiling
     fold_average: FoldAverage = FoldAverage.PROBABILITIES
     weight: float = 1.0
-    provenance: dict | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
+    provenance: FrozenMap | None = None  # what export/ recorded (source, proof of equivalence); not interpreted
     # Monte-Carlo dropout: one stochastic twin per fold (inference/stochastic.py), used only by uncertainty passes.
     stochastic_files: tuple[Path, ...] = ()
     stochastic_sha256: tuple[str, ...] = ()
@@ -177,7 +174,7 @@ class ModelSpec:
         out = {"name": self.name, "files": [str(f.relative_to(folder)) for f in self.files], **self.grid.to_json(),
                "channels": [c.to_json() for c in self.channels], "head": self.head.to_json(),
                "fold_average": self.fold_average, **self.tiling.to_json(), "weight": self.weight,
-               "provenance": self.provenance}
+               "provenance": thaw(self.provenance)}
         if self.stochastic_files:
             out["stochastic_files"] = [str(f.relative_to(folder)) for f in self.stochastic_files]
         return out
@@ -186,10 +183,10 @@ class ModelSpec:
 @dataclass(frozen=True)
 class RoiSpec:
     method: str
-    params: dict
+    params: FrozenMap  # checked, every default filled (roi/locate.py)
 
     def to_json(self) -> dict:
-        return {"method": self.method, "params": self.params}
+        return {"method": self.method, "params": thaw(self.params)}
 
 
 @dataclass(frozen=True)
@@ -261,7 +258,7 @@ class Recipe:
 
 def spectrum_references(model: "ModelSpec") -> list[SpectrumReference]:
     """The harmonisation references a model's channel ops load (files beside the weights)."""
-    return [op["reference"] for channel in model.channels for op in channel.ops if op["op"] == "spectrum_swap"]
+    return [op.reference for channel in model.channels for op in channel.ops if isinstance(op, SpectrumSwap)]
 
 
 def _references(model: "ModelSpec") -> list[dict]:
@@ -311,7 +308,7 @@ def _channel(obj, where, folder: Path) -> ChannelSpec:
         raise RecipeError(f"{where}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     ops = validate_ops(r.take("ops", default=[], kind=list), source=source, where=where, folder=folder)
     before = r.take("ops_before_sampling", default=False, kind=bool)
-    if before and any(op["op"] == "spectrum_swap" for op in ops):
+    if before and any(isinstance(op, SpectrumSwap) for op in ops):
         raise RecipeError(f"{where}: op 'spectrum_swap' works on the model grid's slices (its reference was computed "
                           f"there); it cannot run before sampling: set ops_before_sampling false")
     r.done(keys)
@@ -382,7 +379,7 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     transpose = tuple(r.take("transpose_forward", default=[0, 1, 2], kind=list))
     if sorted(transpose) != [0, 1, 2]:
         raise RecipeError(f"{where}: transpose_forward must be a permutation of [0, 1, 2], got {list(transpose)}")
-    provenance = r.take("provenance", default={}, kind=dict)
+    provenance = freeze(r.take("provenance", default={}, kind=dict))
     grid_spacing = r.take("grid_spacing", default="exact", kind=str)
     if grid_spacing not in GRID_SPACINGS:
         raise RecipeError(f"{where}: grid_spacing must be one of {GRID_SPACINGS}, got {grid_spacing!r}")
@@ -525,7 +522,7 @@ def _stage(obj, where: str, folder: Path, *, first: bool, last: bool = True) -> 
     roi_reader = _Reader(r.take("roi"), f"{where} roi")
     method = roi_reader.take("method", kind=str)
     try:
-        roi = RoiSpec(method, check_params(method, roi_reader.take("params", default={}, kind=dict)))
+        roi = RoiSpec(method, freeze(check_params(method, roi_reader.take("params", default={}, kind=dict))))
     except RecipeError as exc:
         raise RecipeError(f"{where}: {exc}") from exc
     roi_reader.done(("method", "params"))

@@ -3,7 +3,15 @@ and the report read as before, and a value outside the vocabulary is refused whe
 
 from __future__ import annotations
 
-from enum import StrEnum
+import sys
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10, the image's (Ubuntu 22.04): StrEnum as 3.11 defines it, str() and format() give the value
+    class StrEnum(str, Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
 
 
 class Orientation(StrEnum):

@@ -111,7 +111,8 @@ class Member:
     weight: float
     channels: list[np.ndarray]
     grid: Grid
-    resampling: str = "direct"  # the model's: "nnunet" restores by nnU-Net's rule (nearest across thick CT slices)
+    resampling: Resampling = Resampling.DIRECT  # the model's: NNUNET restores by nnU-Net's rule (nearest across thick
+    # CT slices)
 
     def channel_on(self, k: int, target: Grid, fill_value: float, *, transform=None) -> np.ndarray:
         """Output channel k (through `transform`, when given) interpolated linearly onto `target` by the model's
@@ -119,7 +120,7 @@ class Member:
         values = np.ascontiguousarray(self.channels[k], dtype=np.float32)
         if transform is not None:
             values, fill_value = transform(values), float(transform(np.float32(fill_value)))
-        resample = sample_nnunet if self.resampling == "nnunet" else sample
+        resample = sample_nnunet if self.resampling == Resampling.NNUNET else sample
         return resample(self.grid.image_from_array(values), target, interpolation="linear", fill_value=fill_value)
 
 

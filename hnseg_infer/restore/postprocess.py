@@ -19,6 +19,7 @@ Removed components become background (0). The input array is never modified.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import cc3d
@@ -27,6 +28,7 @@ from scipy import ndimage
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.labels import GTVN, GTVP, LABEL_NAMES
+from hnseg_infer.recipe.frozen import FrozenMap
 
 _LABEL_KEYS = {"GTVp": GTVP, "GTVn": GTVN, "1": GTVP, "2": GTVN}
 CONFIG_KEYS = ("min_volume_mm3", "keep_largest_gtvp", "gtvn_max_distance_to_gtvp_mm")
@@ -56,12 +58,12 @@ class PostprocessConfig:
     gtvn_max_distance_to_gtvp_mm: drop GTVn components whose distance to GTVp exceeds this (None: off).
     """
 
-    min_volume_mm3: dict[int, float] = field(default_factory=dict)
+    min_volume_mm3: Mapping[int, float] = field(default_factory=FrozenMap)
     keep_largest_gtvp: bool = False
     gtvn_max_distance_to_gtvp_mm: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.min_volume_mm3, dict):
+        if not isinstance(self.min_volume_mm3, Mapping):
             raise RecipeError(f"{_WHERE}: 'min_volume_mm3' must be an object mapping GTVp/GTVn to mm³, "
                               f"got {self.min_volume_mm3!r}")
         volumes: dict[int, float] = {}
@@ -74,7 +76,7 @@ class PostprocessConfig:
                 raise RecipeError(f"{_WHERE}: 'min_volume_mm3' for {name} must be a finite number >= 0 mm³, "
                                   f"got {value!r}")
             volumes[label] = float(value)
-        object.__setattr__(self, "min_volume_mm3", volumes)  # a private copy with int keys
+        object.__setattr__(self, "min_volume_mm3", FrozenMap(volumes))  # a private copy with int keys
         if not isinstance(self.keep_largest_gtvp, (bool, np.bool_)):
             raise RecipeError(f"{_WHERE}: 'keep_largest_gtvp' must be true or false, got {self.keep_largest_gtvp!r}")
         object.__setattr__(self, "keep_largest_gtvp", bool(self.keep_largest_gtvp))
@@ -86,7 +88,7 @@ class PostprocessConfig:
             object.__setattr__(self, "gtvn_max_distance_to_gtvp_mm", float(distance))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PostprocessConfig":
+    def from_dict(cls, d: dict) -> PostprocessConfig:
         """From the recipe's "postprocess" object; only CONFIG_KEYS are allowed, all optional."""
         if not isinstance(d, dict):
             raise RecipeError(f"{_WHERE} must be a JSON object, got {type(d).__name__}")

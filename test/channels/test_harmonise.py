@@ -197,7 +197,7 @@ def test_recipe_checks_the_reference_against_the_fixed_roi_grid_and_records_its_
     write_reference(folder, ct_like((31, 24, 20)))
     recipe = load_recipe(write_weights(folder, models=[_harmonised_entry()], roi=box))
     record = recipe.to_dict()["stages"][0]["models"][0]
-    ref = recipe.models[0].channels[0].ops[0]["reference"]
+    ref = recipe.models[0].channels[0].ops[0].reference
     assert isinstance(ref, SpectrumReference) and ref.grid_size_zyx == (31, 24, 20)
     assert record["references"] == [{"file": "reference_ct_dct.npz", "sha256": ref.sha256}]
     assert len(ref.sha256) == 64

@@ -26,7 +26,7 @@ from conftest import REPO, ct_values, pet_values
 
 from hnseg_export import from_monai
 from hnseg_infer.channels.build import build_input, model_grid
-from hnseg_infer.channels.intensity import apply_ops
+from hnseg_infer.channels.intensity import apply_ops, validate_ops
 from hnseg_infer.errors import ExportError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.inference.onnx_engine import OnnxModel
@@ -215,7 +215,7 @@ def test_normalize_modes_are_the_templates_transforms(mode):
     rng = np.random.default_rng(5)
     image = np.where(rng.random((1, 12, 10, 8)) < 0.2, 0, rng.normal(40, 300, (1, 12, 10, 8))).astype(np.float32)
     group = from_monai._auto3dseg_mode(mode, [-200.0, 300.0], key="image", path=Path("x"), notes=[])
-    ours = apply_ops(image[0], tuple(group.ops), suv_per_stored_value=1.0)
+    ours = apply_ops(image[0], validate_ops(group.ops, source="ct", where=mode), suv_per_stored_value=1.0)
     expected = np.asarray(_template_transform(mode, [-200.0, 300.0])(torch.from_numpy(image.copy())))[0]
     np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
     assert np.abs(ours - image[0]).max() > 0.1  # it did normalise
@@ -303,8 +303,8 @@ def test_auto3dseg_recipe_reproduces_the_template(auto3dseg):
     assert (tiling.kind, tiling.overlap, tiling.gaussian, tiling.tile_batch) == ("monai", 0.625, True, 1)
     assert spec.head.type == "softmax" and spec.head.labels == (0, 1, 2) and spec.fold_average == "probabilities"
     assert [c.source for c in spec.channels] == ["ct", "pet"] and len(spec.files) == 2
-    assert [op["op"] for op in spec.channels[0].ops] == ["scale", "sigmoid"]
-    assert [op["op"] for op in spec.channels[1].ops] == ["suv", "min_over_std", "sigmoid"]
+    assert [op.name for op in spec.channels[0].ops] == ["scale", "sigmoid"]
+    assert [op.name for op in spec.channels[1].ops] == ["suv", "min_over_std", "sigmoid"]
     source = spec.provenance["source"]
     assert source["kind"] == "auto3dseg" and source["network"]["kwargs"]["norm"] == "INSTANCE"
     assert any("Spacingd" in note for note in source["notes"])
@@ -397,8 +397,9 @@ def test_bundle_route_end_to_end_through_to_onnx(tmp_path):
     assert spec.tiling.patch_size_zyx == (16, 16, 16)
     tiling = spec.tiling
     assert (tiling.kind, tiling.overlap, tiling.tile_batch, tiling.gaussian) == ("monai", 0.5, 4, True)
-    assert spec.channels[0].ops == ({"op": "window", "min": -1000.0, "max": 1000.0, "to": [0.0, 1.0]},)
-    assert spec.channels[1].ops == ({"op": "suv"}, {"op": "zscore", "over": "nonzero"})
+    window = {"op": "window", "min": -1000.0, "max": 1000.0, "to": [0.0, 1.0]}
+    assert [op.to_json() for op in spec.channels[0].ops] == [window]
+    assert [op.to_json() for op in spec.channels[1].ops] == [{"op": "suv"}, {"op": "zscore", "over": "nonzero"}]
     assert spec.head.type == "sigmoid" and spec.head.regions == ((1, 2), (2,)) and spec.head.region_labels == (1, 2)
     assert spec.files[0].name.endswith(".fp16.onnx") and "fp16" in spec.provenance["proof"][spec.files[0].name]
 
@@ -492,7 +493,7 @@ def test_numpy_values_in_a_checkpoint_need_trust(tmp_path, fold_config):
         route([path, "--out", tmp_path / "w"])
     assert_nothing_left(tmp_path / "w")
     (spec,) = load_recipe(route([path, "--out", tmp_path / "w", "--trust-checkpoint"])).models
-    assert spec.channels[0].ops[0] == {"op": "scale", "factor": 2 / 500, "offset": -1 + 200 * 2 / 500}
+    assert spec.channels[0].ops[0].to_json() == {"op": "scale", "factor": 2 / 500, "offset": -1 + 200 * 2 / 500}
 
 
 @pytest.mark.parametrize("sigmoid, class_index, labels, regions, expected", [

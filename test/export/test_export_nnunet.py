@@ -131,8 +131,8 @@ def test_recipe_carries_the_plans(exported):
     assert [c.source for c in model.channels] == ["ct", "pet"]
     ct_op = model.channels[0].ops[0]
     stats = plans["foreground_intensity_properties_per_channel"]["0"]
-    assert ct_op["op"] == "nnunet_ct" and ct_op["mean"] == stats["mean"] and ct_op["std"] == stats["std"]
-    assert model.channels[1].ops == ({"op": "suv"}, {"op": "zscore", "over": "all"})
+    assert ct_op.name == "nnunet_ct" and ct_op.mean == stats["mean"] and ct_op.std == stats["std"]
+    assert [op.to_json() for op in model.channels[1].ops] == [{"op": "suv"}, {"op": "zscore", "over": "all"}]
     assert model.head.labels == (0, 1, 2)
     proofs = model.provenance["proof"]
     assert sorted(proofs) == ["fold_0.onnx", "fold_1.onnx"]
@@ -222,7 +222,7 @@ def test_channel_ops_come_before_the_plans_normalisation(tmp_path):
     ops = [[{"op": "window", "min": -110, "max": 190, "to": [-1, 1]}, {"op": "power", "exponent": 2}],
            [{"op": "suv"}, {"op": "window", "min": 0, "max": 20, "to": [0, 1]}]]
     (model,) = load_recipe(_export(results, tmp_path / "w", "--channel-ops", json.dumps(ops))).models
-    ct, pet = (list(channel.ops) for channel in model.channels)
+    ct, pet = ([op.to_json() for op in channel.ops] for channel in model.channels)
     assert ct[:2] == ops[0] and ct[2]["op"] == "nnunet_ct" and len(ct) == 3
     assert pet[:2] == ops[1] and pet[2] == {"op": "zscore", "over": "all"} and len(pet) == 3
     for bad, message in (("[[]]", "gives 1 op lists but dataset.json has 2"), ("[[{\"op\": \"cube\"}], []]",

@@ -88,7 +88,7 @@ def test_two_folds_exported_proven_and_run_by_the_runtime(inputs, tmp_path):
     recipe = load_recipe(out)
     (model,) = recipe.models
     assert [f.name for f in model.files] == ["snu_fold0.onnx", "snu_fold1.onnx"]
-    assert model.channels[1].ops[1] == {"op": "zscore", "over": "all"} and model.head.labels == (0, 1, 2)
+    assert model.channels[1].ops[1].to_json() == {"op": "zscore", "over": "all"} and model.head.labels == (0, 1, 2)
     x = _tiles(seed=5)
     outputs = []
     for seed, (path, state_dict) in enumerate(zip(model.files, inputs["folds"])):

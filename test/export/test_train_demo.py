@@ -53,7 +53,7 @@ def test_assembled_recipe_is_the_three_stage_cascade(quick_run):
     assert files == sorted(["recipe.json", *(f.name for m in recipe.models for f in m.files)])
     assert len(set(files)) == 5  # four distinct ONNX files
     fine_nnunet = recipe.models[2]
-    assert [[op["op"] for op in c.ops] for c in fine_nnunet.channels] == [
+    assert [[op.name for op in c.ops] for c in fine_nnunet.channels] == [
         ["window"], ["window", "power"], ["window", "cbrt"], ["suv", "window"]]
     assert all(c.ops_before_sampling and c.interpolation == "bspline" for c in fine_nnunet.channels)
 

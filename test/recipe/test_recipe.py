@@ -24,7 +24,7 @@ def test_valid_recipe_loads_with_defaults_filled(tmp_path):
     (model,) = recipe.models
     assert model.grid.orientation == "lps" and model.fold_average == "probabilities" and model.tiling.gaussian is True
     assert model.tiling.mirror_axes_zyx == () and model.tiling.patch_size_zyx == (16, 16, 16)
-    assert model.channels[1].ops == ({"op": "suv"},) and model.head.n_outputs == 3
+    assert [op.to_json() for op in model.channels[1].ops] == [{"op": "suv"}] and model.head.n_outputs == 3
     assert len(model.sha256[0]) == 64 and len(recipe.sha256) == 64
 
 

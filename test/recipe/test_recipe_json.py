@@ -1,6 +1,7 @@
 """Recipe.to_json is parse_recipe's inverse: parse_recipe(r.to_json(), r.path) == r for every kind of recipe the
 project ships or builds without torch (a one-stage recipe, the demo cascade with nnU-Net resampling, MONAI tiling and
-fit_roi grids, the SUV baseline, a sigmoid-region head, an uncertainty block), and the JSON is plain JSON."""
+fit_roi grids, the SUV baseline, a sigmoid-region head, an uncertainty block), the JSON is plain JSON, and a recipe
+is hashable (frozen all the way down)."""
 
 import json
 import subprocess
@@ -17,6 +18,7 @@ def _round_trip(recipe):
     text = json.dumps(recipe.to_json())  # plain JSON: enums as strings, no paths
     again = parse_recipe(json.loads(text), recipe.path)
     assert again == recipe
+    assert hash(again) == hash(recipe)  # frozen all the way down: ops, ROI parameters, provenance
     return again
 
 
@@ -49,6 +51,24 @@ def test_a_changed_value_makes_a_different_recipe(tmp_path):
     raw = recipe.to_json()
     raw["models"][0]["step_fraction"] = 0.25
     assert parse_recipe(raw, recipe.path) != recipe
+    box = {"method": "pet_threshold_head_neck_box", "params": {"size_mm": [20.0, 24.0, 31.0]}}
+    recipe = load_recipe(write_weights(tmp_path / "box", roi=box))
+    edits = (lambda raw: raw["models"][0]["channels"][0].update(ops=[{"op": "clip", "min": -1000, "max": 999}]),
+             lambda raw: raw["roi"]["params"].update(size_mm=[21.0, 24.0, 31.0]))
+    for edit in edits:
+        raw = recipe.to_json()
+        edit(raw)
+        changed = parse_recipe(raw, recipe.path)
+        assert changed != recipe and len({recipe, changed}) == 2
+
+
+def test_recipe_parts_cannot_be_changed_in_place(tmp_path):
+    box = {"method": "pet_threshold_head_neck_box", "params": {"size_mm": [20.0, 24.0, 31.0]}}
+    recipe = load_recipe(write_weights(tmp_path / "w", roi=box))
+    with pytest.raises(TypeError):
+        recipe.stages[0].roi.params["size_mm"] = (1.0, 1.0, 1.0)  # a FrozenMap
+    with pytest.raises(AttributeError):
+        recipe.models[0].channels[0].ops[0].min = 0.0  # a frozen dataclass
 
 
 def test_nnunet_tiling_cannot_take_a_monai_overlap(tmp_path):

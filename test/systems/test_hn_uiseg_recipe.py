@@ -60,8 +60,8 @@ def test_the_exported_recipe_is_hn_uisegs(weights):
     assert stage.roi.method == "pet_threshold_head_neck_box"
     (model,) = stage.models
     assert [c.source for c in model.channels] == ["ct", "pet", "clicks_gtvp", "clicks_gtvn"]
-    assert model.channels[0].ops == ({"op": "clip", "min": -1024, "max": 3071},)
-    assert model.channels[1].ops == ({"op": "suv"}, {"op": "clip", "min": 0, "max": 50})
+    assert [op.to_json() for op in model.channels[0].ops] == [{"op": "clip", "min": -1024, "max": 3071}]
+    assert [op.to_json() for op in model.channels[1].ops] == [{"op": "suv"}, {"op": "clip", "min": 0, "max": 50}]
     assert model.grid.spacing_xyz_mm == (3.0, 3.0, 3.0) and list(model.tiling.patch_size_zyx) == PATCH_ZYX
     assert model.tiling.step_fraction == 0.5 and model.tiling.gaussian and model.head.labels == (0, 1, 2)
     assert [f.name for f in model.stochastic_files] == ["hn_uiseg_fold0.stochastic.onnx"]

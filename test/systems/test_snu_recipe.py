@@ -43,9 +43,9 @@ def test_the_exported_recipe_is_snus(snu_weights):
     assert model.grid.spacing_xyz_mm == (1.0, 1.0, 3.0) and model.tiling.patch_size_zyx == (112, 256, 256)
     ct, pet = model.channels
     assert (ct.source, ct.interpolation, pet.source, pet.interpolation) == ("ct", "bspline", "pet", "linear")
-    assert [op["op"] for op in ct.ops] == ["clip", "scale", "sigmoid"]
-    assert (ct.ops[0]["min"], ct.ops[0]["max"], ct.ops[1]["factor"]) == (-1000, 1000, 0.001)
-    assert pet.ops == ({"op": "zscore", "over": "all"}, {"op": "sigmoid"})
+    assert [op.name for op in ct.ops] == ["clip", "scale", "sigmoid"]
+    assert (ct.ops[0].min, ct.ops[0].max, ct.ops[1].factor) == (-1000, 1000, 0.001)
+    assert [op.to_json() for op in pet.ops] == [{"op": "zscore", "over": "all"}, {"op": "sigmoid"}]
     assert model.provenance["source"]["module"] == "hnseg_export.snu:SNUNet"
     assert all(proof["fp32"]["passed"] for proof in model.provenance["proof"].values())
 
