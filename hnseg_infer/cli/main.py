@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
@@ -263,8 +264,15 @@ def _evaluate(args) -> int:
     from hnseg_infer.tools import metrics
 
     try:
-        pairs = metrics.pair_masks(args.pred, args.gt)
-        cases = [metrics.evaluate_files(pred, ref, case=case)
+        if metrics.is_rtstruct_reference(args.gt):  # DICOM references, rasterised on each mask's grid
+            pairs = metrics.pair_rtstructs(args.pred, args.gt)
+            score = partial(metrics.evaluate_rtstruct, roi_mapping=args.gt_roi or metrics.DEFAULT_GT_ROI)
+        elif args.gt_roi:
+            raise InputError(f"--gt-roi {args.gt_roi!r} applies to RTSTRUCT references, but --gt {args.gt} holds "
+                             f"masks: leave out --gt-roi, or give RTSTRUCT files (.dcm)")
+        else:
+            pairs, score = metrics.pair_masks(args.pred, args.gt), metrics.evaluate_files
+        cases = [score(pred, ref, case=case)
                  for case, pred, ref in tqdm(pairs, desc="hnseg evaluate", unit="case", file=sys.stderr,
                                                 leave=False, disable=None)]
         summary = metrics.aggregate(cases)
@@ -362,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz), or one mask")
     e.add_argument("--gt", type=Path, required=True,
                    help="folder of reference masks with the same file names, or one mask (then --pred is one too)")
+    e.add_argument("--gt-roi", default=None, metavar="MAPPING",
+                   help="with RTSTRUCT references (--gt FILE.dcm or a folder of CASE.dcm): which ROIs are GTVp and "
+                        "GTVn, shell patterns, e.g. 'GTVp=GTV_P,GTVn=GTV_N*' (default 'GTVp=GTVp,GTVn=GTVn')")
     e.add_argument("--csv", type=Path, default=None, help="one row per case")
     e.add_argument("--json", type=Path, default=None, help='{"cases": [...], "aggregate": {...}}')
 

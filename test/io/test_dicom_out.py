@@ -184,3 +184,39 @@ def test_ct_series_option_selects_one_of_several(tmp_path, weights_dir, capsys):
     assert "2 series in CT folder" in err and "1.2.826.0.1.1" in err and "--ct-series UID" in err
     assert not (tmp_path / "out").exists()
     assert main(args + ["--ct-series", "1.2.826.0.1.2"]) == 0
+
+
+def test_evaluate_against_an_rtstruct_with_an_roi_mapping(tmp_path, capsys):
+    """`hnseg evaluate --gt RTSTRUCT --gt-roi`: a planning system's names (GTV_P, GTV_N1) and an ROI that must not
+    match (PTV); the mask the RTSTRUCT came from scores 1, a mask without its GTVn scores 0 for GTVn."""
+    import pydicom
+
+    ct, series, mask = dicom_ct_and_mask(tmp_path, DIRECTIONS["oblique"])
+    ds = build_rtstruct(mask, series)
+    ds.StructureSetROISequence[0].ROIName, ds.StructureSetROISequence[1].ROIName = "GTV_P", "GTV_N1"
+    extra = pydicom.Dataset()
+    extra.ROINumber, extra.ROIName = 3, "PTV_70"
+    ds.StructureSetROISequence.append(extra)
+    ds.save_as(tmp_path / "case1.dcm", enforce_file_format=True)
+    _write(mask, tmp_path / "case1.mha")
+    args = ["evaluate", "--pred", str(tmp_path / "case1.mha"), "--gt", str(tmp_path / "case1.dcm"),
+            "--gt-roi", "GTVp=GTV_P,GTVn=GTV_N*", "--json", str(tmp_path / "m.json")]
+    assert main(args) == 0
+    case = json.loads((tmp_path / "m.json").read_text())["cases"][0]
+    assert case["gtvp_dice"] == 1.0 and case["gtvn_dice"] == 1.0
+    no_node = sitk.BinaryThreshold(mask, 1, 1, 1, 0)  # GTVp kept, GTVn dropped
+    _write(sitk.Cast(no_node, sitk.sitkUInt8), tmp_path / "case1.mha")
+    assert main(args) == 0
+    case = json.loads((tmp_path / "m.json").read_text())["cases"][0]
+    assert case["gtvp_dice"] == 1.0 and case["gtvn_dice"] == 0.0
+    capsys.readouterr()
+    assert main(args[:-4] + ["--gt-roi", "GTVp=GTV_P,GTVn=LN*"]) == 2
+    assert "no ROI matching ['LN*'] for label 2; its ROIs: GTV_N1, GTV_P, PTV_70" in capsys.readouterr().err
+    # a folder of <case>.dcm against a folder of <case>.mha
+    (tmp_path / "gt").mkdir(), (tmp_path / "pred").mkdir()
+    (tmp_path / "case1.dcm").rename(tmp_path / "gt" / "case1.dcm")
+    _write(mask, tmp_path / "pred" / "case1.mha")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--gt-roi",
+                 "GTVp=gtv_p,GTVn=gtv_n*", "--json", str(tmp_path / "m.json")]) == 0
+    case = json.loads((tmp_path / "m.json").read_text())["cases"][0]
+    assert case["case"] == "case1" and case["gtvp_dice"] == 1.0 and case["gtvn_dice"] == 1.0
