@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.errors import HnsegError, InputError, MissingPetError
-from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
+from hnseg_infer.io.images import discover_inputs, find_single_image, is_image_file, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
 from hnseg_infer.segmenter import Prediction, Segmenter
@@ -172,9 +172,27 @@ def _blank_like(image):
     return blank
 
 
+def _is_dicom_folder(folder: Path) -> bool:
+    """A folder of DICOM files (*.dcm) and no image file: a series, read by io/dicom.py."""
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    return any(p.name.lower().endswith(".dcm") for p in files) and not any(is_image_file(p) for p in files)
+
+
 def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | None]:
-    """CT and PET of a grand-challenge input folder. A missing PET is handed on (with where it was looked for):
-    the recipe decides whether the case runs CT-only or the missing PET is the error."""
+    """CT and PET of a grand-challenge input folder (images/ct and images/pet each hold one image file, or one
+    DICOM series). A missing PET is handed on (with where it was looked for): the recipe decides whether the case
+    runs CT-only or the missing PET is the error."""
+    images = Path(input_dir) / "images"
+    if _is_dicom_folder(images / "ct") or _is_dicom_folder(images / "pet"):
+        def find(role):
+            folder = images / role
+            return folder if _is_dicom_folder(folder) else find_single_image(folder, role)
+
+        ct = find("ct")
+        try:
+            return ct, find("pet"), None
+        except MissingPetError as missing:
+            return ct, None, missing
     try:
         ct, pet = discover_inputs(input_dir)
     except MissingPetError as missing:  # raised after the CT was found
@@ -248,7 +266,9 @@ def _batch(args) -> int:
         outputs = CaseOutputs(out / f"{case.name}.mha", out / f"{case.name}.report.json",
                               out / f"{case.name}.qc.png" if args.qc else None,
                               out / f"{case.name}.sidecar.json" if args.sidecar else None,
-                              out / f"{case.name}.uncertainty" if args.uncertainty else None)
+                              out / f"{case.name}.uncertainty" if args.uncertainty else None,
+                              out / f"{case.name}.seg.dcm" if args.dicom_seg else None,
+                              out / f"{case.name}.rtstruct.dcm" if args.rtstruct else None)
         if run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
                     uncertainty_seed=args.uncertainty_seed, debug=args.debug):
             failed.append(case.name)
@@ -365,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--uncertainty", action="store_true",
                    help="also write the recipe's uncertainty maps to OUT/CASE.uncertainty/")
     b.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    b.add_argument("--dicom-seg", action="store_true",
+                   help="also write OUT/CASE.seg.dcm (DICOM-SEG; the case's images/ct must be a DICOM series)")
+    b.add_argument("--rtstruct", action="store_true",
+                   help="also write OUT/CASE.rtstruct.dcm (RTSTRUCT; the case's images/ct must be a DICOM series)")
 
     e = sub.add_parser("evaluate", help="HECKTOR metrics of predicted masks against references (paired by file name)")
     e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz), or one mask")

@@ -220,3 +220,27 @@ def test_evaluate_against_an_rtstruct_with_an_roi_mapping(tmp_path, capsys):
                  "GTVp=gtv_p,GTVn=gtv_n*", "--json", str(tmp_path / "m.json")]) == 0
     case = json.loads((tmp_path / "m.json").read_text())["cases"][0]
     assert case["case"] == "case1" and case["gtvp_dice"] == 1.0 and case["gtvn_dice"] == 1.0
+
+
+def test_batch_reads_dicom_case_folders_and_writes_seg_and_rtstruct(tmp_path, weights_dir, capsys):
+    """CASE/images/{ct,pet}/*.dcm is a DICOM case; a case of .mha files cannot have DICOM outputs (that case
+    fails, the batch exits 2, the DICOM case is written)."""
+    import pydicom
+
+    ct_image, pet = small_case()
+    study = write_ct_series(ct_image, tmp_path / "cases" / "dicom_case" / "images" / "ct")
+    write_pet_series(small_pet(), tmp_path / "cases" / "dicom_case" / "images" / "pet", study=study)
+    from conftest import write_gc_input
+
+    write_gc_input(tmp_path / "cases" / "mha_case", ct_image, pet)
+    out = tmp_path / "out"
+    code = main(["batch", "--input", str(tmp_path / "cases"), "--out", str(out), "--dicom-seg", "--rtstruct",
+                 "--weights", str(weights_dir), "--device", "cpu"])
+    assert code == 2
+    assert "mha_case" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["dicom_case.mha", "dicom_case.report.json",
+                                                      "dicom_case.rtstruct.dcm", "dicom_case.seg.dcm",
+                                                      "mha_case.report.json"]
+    assert pydicom.dcmread(out / "dicom_case.seg.dcm").Modality == "SEG"
+    report = json.loads((out / "dicom_case.report.json").read_text())
+    assert report["inputs"]["pet_unit"]["source"] == "dicom"
