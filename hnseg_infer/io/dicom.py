@@ -203,6 +203,7 @@ class DicomSuv:
     missing: list[str] = field(default_factory=list)
     note: str = ""
     slice_decay_factors: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class _MissingTag(Exception):
@@ -307,28 +308,42 @@ def suv_from_tags(series: DicomSeries) -> DicomSuv:
     ds = series.first
     units = str(ds.get("Units", "")).upper()
     used["Units"] = units
+    corrected = ds.get("CorrectedImage") or []  # one value is a str, several a MultiValue
+    corrected = [str(v).upper() for v in ([corrected] if isinstance(corrected, str) else corrected)]
+    if corrected:
+        used["CorrectedImage"] = "\\".join(corrected)  # the DICOM multi-value separator
     try:
-        if units == "GML":
-            return DicomSuv("suv", 1.0, used, note="Units GML: stored as SUVbw; used as it is")
-        if units == "CNTS":
-            philips_suv = _private_float(ds, PHILIPS_SUV_FACTOR)
-            if philips_suv is not None:
-                used["PhilipsSUVScaleFactor(7053,1000)"] = philips_suv
-                return DicomSuv("cnts", philips_suv, used, note="Units CNTS: Philips SUV scale factor (7053,1000)")
-            philips_bqml = _private_float(ds, PHILIPS_BQML_FACTOR)
-            if philips_bqml is None:
-                raise _MissingTag("Philips scale factor (7053,1000) or (7053,1009)")
-            used["PhilipsActivityConcentrationScaleFactor(7053,1009)"] = philips_bqml
-            factor, how, per_slice = _bqml_factor(series.datasets, used)
-            return DicomSuv("cnts", factor * philips_bqml, used, note=f"Units CNTS: Bq/mL by the Philips factor "
-                            f"(7053,1009), {how}", slice_decay_factors=per_slice)
-        if units == "BQML":
-            factor, how, per_slice = _bqml_factor(series.datasets, used)
-            return DicomSuv("bqml", factor, used, note=f"Units BQML: SUVbw from the DICOM tags (QIBA), {how}",
-                            slice_decay_factors=per_slice)
-        raise _MissingTag(f"Units (0054,1001) (value {units!r}; expected BQML, CNTS or GML)")
+        suv = _suv_for_units(series, units, used)
     except _MissingTag as missing:
-        return DicomSuv("bqml" if units != "GML" else "suv", None, used, missing=[str(missing)])
+        suv = DicomSuv("bqml" if units != "GML" else "suv", None, used, missing=[str(missing)])
+    if corrected and "ATTN" not in corrected:
+        suv.warnings.append(f"PET {series.folder}: CorrectedImage (0028,0051) is {used['CorrectedImage']!r}, "
+                            f"without ATTN: the image is not attenuation-corrected, so its SUV is not quantitative")
+    return suv
+
+
+def _suv_for_units(series: DicomSeries, units: str, used: dict) -> DicomSuv:
+    """QIBA's branches by Units; _MissingTag names the first tag that is missing."""
+    ds = series.first
+    if units == "GML":
+        return DicomSuv("suv", 1.0, used, note="Units GML: stored as SUVbw; used as it is")
+    if units == "CNTS":
+        philips_suv = _private_float(ds, PHILIPS_SUV_FACTOR)
+        if philips_suv is not None:
+            used["PhilipsSUVScaleFactor(7053,1000)"] = philips_suv
+            return DicomSuv("cnts", philips_suv, used, note="Units CNTS: Philips SUV scale factor (7053,1000)")
+        philips_bqml = _private_float(ds, PHILIPS_BQML_FACTOR)
+        if philips_bqml is None:
+            raise _MissingTag("Philips scale factor (7053,1000) or (7053,1009)")
+        used["PhilipsActivityConcentrationScaleFactor(7053,1009)"] = philips_bqml
+        factor, how, per_slice = _bqml_factor(series.datasets, used)
+        return DicomSuv("cnts", factor * philips_bqml, used, note=f"Units CNTS: Bq/mL by the Philips factor "
+                        f"(7053,1009), {how}", slice_decay_factors=per_slice)
+    if units == "BQML":
+        factor, how, per_slice = _bqml_factor(series.datasets, used)
+        return DicomSuv("bqml", factor, used, note=f"Units BQML: SUVbw from the DICOM tags (QIBA), {how}",
+                        slice_decay_factors=per_slice)
+    raise _MissingTag(f"Units (0054,1001) (value {units!r}; expected BQML, CNTS or GML)")
 
 
 def apply_slice_factors(pet: sitk.Image, factors_z: np.ndarray) -> sitk.Image:
@@ -343,6 +358,7 @@ def dicom_pet_unit(pet: sitk.Image, series: DicomSeries, warnings: list[str]) ->
     """The PET (a NONE series decay-corrected slice by slice to the scan start) and its unit from the tags; where a
     tag is missing, the estimate from the voxels (detect_pet_unit) with a warning naming the tag."""
     suv = suv_from_tags(series)
+    warnings.extend(suv.warnings)
     if suv.slice_decay_factors is not None:
         pet = apply_slice_factors(pet, suv.slice_decay_factors)
     estimate = detect_pet_unit(pet)

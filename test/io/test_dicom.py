@@ -190,3 +190,51 @@ def test_pydicom_is_not_imported_for_image_files(case_dir):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydicom', 'highdicom', 'skimage')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _edit_all(folder, edit):
+    import pydicom
+
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(path)
+
+
+def _times(ds, series_date, series_time, acquisition_time, start_time):
+    ds.SeriesDate, ds.SeriesTime = series_date, series_time
+    ds.AcquisitionDate, ds.AcquisitionTime = series_date, acquisition_time
+    ds.RadiopharmaceuticalInformationSequence[0].RadiopharmaceuticalStartTime = start_time
+
+
+@pytest.mark.parametrize("case", ["midnight", "post-processed", "post-processed-ge"])
+def test_qiba_scan_and_start_times(tmp_path, case):
+    """The injection before midnight and the scan after it; a post-processed series (series time after the
+    acquisition): the earliest acquisition time, or GE's private scan date-time when present."""
+    suv = small_pet()
+    study = write_ct_series(small_ct(), tmp_path / "ct")
+    write_pet_series(suv, tmp_path / "pet", study=study)  # injection 09:30:00, scan 10:30:00
+    if case == "midnight":
+        _edit_all(tmp_path / "pet", lambda ds: _times(ds, "20260315", "005000", "005000", "235000"))
+    else:
+        def edit(ds):
+            _times(ds, "20260314", "123000", "103000", "093000")  # re-saved two hours later
+            if case == "post-processed-ge":
+                _times(ds, "20260314", "123000", "110000", "093000")  # acquisition times that must not be used
+                ds.private_block(0x0009, "GEMS_PETD_01", create=True).add_new(0x0D, "DT", "20260314103000")
+        _edit_all(tmp_path / "pet", edit)
+    case_ = load_case(tmp_path / "ct", tmp_path / "pet")
+    assert _suv_error(case_, suv) < 0.005
+    tags = case_.pet_unit.dicom_tags
+    assert tags["decay_time_s"] == 3600.0
+    assert ("EarliestAcquisitionDateTime" in tags) == (case == "post-processed")
+    assert ("GEPrivateScanDateTime" in tags) == (case == "post-processed-ge")
+
+
+def test_a_pet_without_attenuation_correction_is_warned(tmp_path):
+    study = write_ct_series(small_ct(), tmp_path / "ct")
+    write_pet_series(small_pet(), tmp_path / "pet", study=study)
+    _edit_all(tmp_path / "pet", lambda ds: setattr(ds, "CorrectedImage", ["DECY"]))
+    case = load_case(tmp_path / "ct", tmp_path / "pet")
+    assert case.pet_unit.source == "dicom"
+    assert len(case.warnings) == 1 and "CorrectedImage (0028,0051) is 'DECY', without ATTN" in case.warnings[0]
