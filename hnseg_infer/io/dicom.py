@@ -152,41 +152,45 @@ def order_slices(members: list[tuple[Path, object]], role: str, folder: Path) ->
     return members, np.column_stack([row, col, normal]), spacing
 
 
-def _rescaled(ds, path: Path, role: str) -> np.ndarray:
+def _read_pixels(files: list[Path], role: str, folder: Path) -> sitk.Image:
+    """The slices' values as one float32 volume, in the order given. SimpleITK's series reader (GDCM) decodes the
+    pixel data (compressed transfer syntaxes included) and applies each file's own RescaleSlope/Intercept."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(p) for p in files])
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises several types for undecodable pixel data
-        raise InputError(f"{role.upper()} DICOM file {path}: pixel data cannot be decoded "
-                         f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}: {exc}): install "
-                         f"pylibjpeg/gdcm for pydicom or decompress the series (gdcmconv --raw)") from exc
-    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        return reader.Execute()
+    except RuntimeError as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
+        raise InputError(f"{role.upper()} series in {folder}: the pixel data cannot be decoded ({last[:200]}): "
+                         f"check the files, or decompress the series (gdcmconv --raw)") from exc
+
+
+def _whole_numbers(datasets) -> bool:
+    """Every slice's values are integers: slope 1 and an integer intercept (a CT in HU, as scanners write it)."""
+    return all(float(ds.get("RescaleSlope", 1.0)) == 1.0 and float(ds.get("RescaleIntercept", 0.0)).is_integer()
+               for ds in datasets)
 
 
 def read_series(folder: Path, role: str, series_uid: str | None = None) -> tuple[sitk.Image, DicomSeries]:
-    """The series' volume (each slice rescaled by its own slope and intercept; a CT whose values are whole numbers
-    stays int16) and its headers in volume order."""
+    """The series' volume (each slice rescaled by its own slope and intercept; a CT in whole HU becomes int16)
+    and its headers in volume order. The geometry is the one checked here (order_slices), not GDCM's."""
     folder = Path(folder)
     members = select_series(folder, role, series_uid)
     members, direction, slice_mm = order_slices(members, role, folder)
-    datasets = []
-    slices = []
-    for path, _ in members:
-        ds = pydicom.dcmread(path)
-        slices.append(_rescaled(ds, path, role))
-        del ds.PixelData  # the headers are kept (SEG/RTSTRUCT reference them); the voxels are in the volume
-        datasets.append(ds)
-    array_zyx = np.stack(slices)
-    if role == "ct" and np.array_equal(array_zyx, np.round(array_zyx)) and \
-            -32768 <= array_zyx.min() and array_zyx.max() <= 32767:
-        array_zyx = array_zyx.astype(np.int16)  # HU are whole numbers: half the memory of float32
-    image = sitk.GetImageFromArray(array_zyx)
-    row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)  # between rows (along y), between columns (x)
+    datasets = tuple(ds for _, ds in members)
+    image = _read_pixels([p for p, _ in members], role, folder)
+    if role == "ct" and _whole_numbers(datasets):
+        extremes = sitk.MinimumMaximumImageFilter()
+        extremes.Execute(image)
+        if -32768 <= extremes.GetMinimum() and extremes.GetMaximum() <= 32767:
+            image = sitk.Cast(image, sitk.sitkInt16)  # half the memory of float32, as an int16 .mha CT stays
+    row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)  # between rows (along y), columns (along x)
     image.SetSpacing((col_mm, row_mm, slice_mm))
     image.SetOrigin(tuple(float(v) for v in datasets[0].ImagePositionPatient))
     image.SetDirection(tuple(direction.ravel().tolist()))
     series = DicomSeries(folder, str(datasets[0].SeriesInstanceUID), str(datasets[0].get("Modality", "")),
-                         tuple(datasets), tuple(p for p, _ in members))
+                         datasets, tuple(p for p, _ in members))
     return image, series
 
 
