@@ -238,3 +238,13 @@ def test_a_pet_without_attenuation_correction_is_warned(tmp_path):
     case = load_case(tmp_path / "ct", tmp_path / "pet")
     assert case.pet_unit.source == "dicom"
     assert len(case.warnings) == 1 and "CorrectedImage (0028,0051) is 'DECY', without ATTN" in case.warnings[0]
+
+
+def test_without_pydicom_a_dicom_folder_is_a_clear_error(tmp_path):
+    """As in the container image, which does not carry pydicom: exit 2's one line says what to install."""
+    write_ct_series(small_ct(), tmp_path / "ct")
+    code = ("import sys; sys.modules['pydicom'] = None\n"  # makes `import pydicom` fail
+            "from hnseg_infer.errors import InputError\nfrom hnseg_infer.io.images import load_case\n"
+            f"try:\n    load_case('{tmp_path / 'ct'}', None)\nexcept InputError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "reading a DICOM series needs pydicom, which is not installed: pip install 'hnseg[dicom]'" in out.stdout
