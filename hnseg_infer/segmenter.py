@@ -95,9 +95,9 @@ class Segmenter:
                 pet_missing: MissingPetError | None = None, report: RunReport | None = None,
                 ct_series: str | None = None, pet_series: str | None = None) -> Prediction:
         """Read, validate and predict one case (paths, DICOM series folders or SimpleITK images; `ct_series`,
-        `pet_series`: the SeriesInstanceUID to take from a folder holding several). CT-only mode when asked for (`ct_only`;
-        a PET given is not read) or when there is no PET (`pet_missing` says where none was found); either needs
-        a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
+        `pet_series`: the SeriesInstanceUID to take from a folder holding several). CT-only mode when asked for
+        (`ct_only`; a PET given is not read) or when there is no PET (`pet_missing` says where none was found);
+        either needs a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
         `report`: collect into this report (a caller that writes it after a failure passes its own).
         Raises HnsegError subclasses on bad input, recipe or model."""
         report = report if report is not None else RunReport()

@@ -67,7 +67,7 @@ def list_series(folder: Path) -> dict[str, list[tuple[Path, object]]]:
         except (InvalidDicomError, OSError, ValueError):
             continue
         uid = ds.get("SeriesInstanceUID")
-        if uid is None or "ImageOrientationPatient" not in ds and "PixelSpacing" not in ds:
+        if uid is None or ("ImageOrientationPatient" not in ds and "PixelSpacing" not in ds):
             continue  # not an image (DICOMDIR, a structure set, ...)
         series.setdefault(str(uid), []).append((path, ds))
     return series

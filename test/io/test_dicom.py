@@ -54,12 +54,6 @@ def test_ct_series_comes_back_on_its_grid(tmp_path, direction):
     assert np.all(np.diff(along) > 0) and [p.name for p in series.files] != sorted(p.name for p in series.files)
 
 
-def _remove_slice(folder, index):
-    """Delete the file of the `index`-th slice in volume order."""
-    _, series = read_series(folder, "ct")
-    series.files[index].unlink()
-
-
 def test_missing_slice_is_an_error_naming_the_neighbours(tmp_path):
     write_ct_series(small_ct(), tmp_path / "ct")
     _, series = read_series(tmp_path / "ct", "ct")
