@@ -1,10 +1,11 @@
 """DICOM series in: a CT or PET series folder → a SimpleITK volume (LPS, as ITK), and the PET's SUVbw factor.
 
-pydicom reads the headers and pixels; this module only orders the slices, checks the geometry and applies each
-slice's own rescale (PET rescale slopes vary per slice). SimpleITK's series reader is not used because it builds a
-volume from missing or unevenly spaced slices with only a warning; here each is an InputError naming the files.
-The SUV factor follows QIBA's vendor-neutral pseudo-code (FDG-PET/CT Profile, Appendix G); docs/dicom.md lists the
-tags. Imported only when a folder is given as an image (pydicom is the optional `hnseg[dicom]` extra).
+pydicom reads the headers; this module groups them by series, orders the slices along their normal and checks the
+geometry (missing, duplicate or unevenly spaced slices, mixed orientations, tilt: each an InputError naming the
+files). SimpleITK's series reader then reads the pixels in that order (GDCM: compressed syntaxes, each file's own
+rescale, which varies per slice in PET); on its own it would build a volume from an incomplete series with only a
+warning. The SUV factor follows QIBA's vendor-neutral pseudo-code (FDG-PET/CT Profile, Appendix G); docs/dicom.md
+lists the tags. Imported only when a folder is given as an image (pydicom is the optional `hnseg[dicom]` extra).
 """
 
 from __future__ import annotations
