@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--report", type=Path, default=None)
     r.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
+    _add_dicom_options(r)
 
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
