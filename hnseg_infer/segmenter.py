@@ -92,10 +92,12 @@ class Segmenter:
 
     def predict(self, ct: ImageOrPath, pet: ImageOrPath | None = None, *, clicks: Clicks | str | Path | None = None,
                 uncertainty: UncertaintyOptions | bool | None = None, ct_only: bool = False,
-                pet_missing: MissingPetError | None = None, report: RunReport | None = None) -> Prediction:
-        """Read, validate and predict one case (paths or SimpleITK images). CT-only mode when asked for (`ct_only`;
-        a PET given is not read) or when there is no PET (`pet_missing` says where none was found); either needs
-        a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
+                pet_missing: MissingPetError | None = None, report: RunReport | None = None,
+                ct_series: str | None = None, pet_series: str | None = None) -> Prediction:
+        """Read, validate and predict one case (paths, DICOM series folders or SimpleITK images; `ct_series`,
+        `pet_series`: the SeriesInstanceUID to take from a folder holding several). CT-only mode when asked for
+        (`ct_only`; a PET given is not read) or when there is no PET (`pet_missing` says where none was found);
+        either needs a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
         `report`: collect into this report (a caller that writes it after a failure passes its own).
         Raises HnsegError subclasses on bad input, recipe or model."""
         report = report if report is not None else RunReport()
@@ -103,7 +105,7 @@ class Segmenter:
         if isinstance(clicks, (str, Path)):
             clicks = load_clicks(Path(clicks))
         with report.stage("read_and_validate"):
-            case = load_case(ct, None if reason else pet)
+            case = load_case(ct, None if reason else pet, ct_series=ct_series, pet_series=pet_series)
         return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason)
 
     def predict_case(self, case: Case, *, clicks: Clicks | None = None,
@@ -156,9 +158,11 @@ class Segmenter:
     def _record(self, case: Case, report: RunReport, ct_only_reason: str | None) -> None:
         """The inputs, the recipe and the models' provider into the report (with the load time on first use)."""
         report.set("ct_only", case.ct_only)
-        report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": case.ct_grid.to_dict()},
+        report.set("inputs", {"ct": {"path": str(case.ct_path), "grid": case.ct_grid.to_dict(),
+                                     **_dicom_record(case.ct_dicom)},
                               "pet": None if case.ct_only else {"path": str(case.pet_path),
-                                                                "grid": case.pet_grid.to_dict()},
+                                                                "grid": case.pet_grid.to_dict(),
+                                                                **_dicom_record(case.pet_dicom)},
                               "pet_unit": None if case.ct_only else case.pet_unit.to_dict()})
         report.set("recipe", self.recipe.to_dict())
         if case.ct_only:
@@ -263,3 +267,8 @@ def ct_only_reason(recipe: Recipe, *, pet: ImageOrPath | None, ct_only: bool,
             raise InputError(f"{pet_missing} ({needs})") from pet_missing
         raise InputError(f"no PET image given: pass --pet PET.mha ({needs})")
     return f"no PET image in {pet_missing.folder}" if pet_missing is not None else "no PET image given"
+
+
+def _dicom_record(series) -> dict:
+    """The series UID and file count of an input read from a DICOM series ({} for an image file)."""
+    return {} if series is None else {"dicom_series_uid": series.series_uid, "dicom_files": len(series.files)}

@@ -12,11 +12,12 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
-from hnseg_infer.errors import HnsegError, MissingPetError
-from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
+from hnseg_infer.errors import HnsegError, InputError, MissingPetError
+from hnseg_infer.io.images import discover_inputs, find_single_image, is_image_file, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
 from hnseg_infer.segmenter import Prediction, Segmenter
@@ -43,34 +44,42 @@ class CaseOutputs:
     qc_png: Path | None = None
     sidecar: Path | None = None
     uncertainty_dir: Path | None = None
+    dicom_seg: Path | None = None  # DICOM-SEG / RTSTRUCT of the mask (io/dicom_out.py): need a DICOM CT series
+    rtstruct: Path | None = None
 
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
-            uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
+            uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
+            ct_series: str | None = None, pet_series: str | None = None, dicom_seg: Path | None = None,
+            rtstruct: Path | None = None) -> int:
     """Load the weights, predict one case and write its files (see `run_case`). Returns the exit code."""
     report = RunReport()
-    outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
+    outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir, dicom_seg, rtstruct)
     try:
         segmenter = Segmenter.from_weights(weights, device=device)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
         return _finish(report, outputs.report, exc, debug=debug)
     return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
-                    pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug)
+                    pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug,
+                    ct_series=ct_series, pet_series=pet_series)
 
 
 def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseOutputs, report: RunReport | None = None,
              ct_only: bool = False, pet_missing: MissingPetError | None = None, clicks: Path | None = None,
-             uncertainty_seed: int | None = None, debug: bool = False) -> int:
+             uncertainty_seed: int | None = None, debug: bool = False, ct_series: str | None = None,
+             pet_series: str | None = None) -> int:
     """Predict one case with loaded models and write its mask (and, when asked, its QC picture, crop sidecar and
     uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them. The report is
     written whatever happens. Returns the exit code."""
     report = report if report is not None else RunReport()
     try:
         uncertainty = UncertaintyOptions(seed=uncertainty_seed) if outputs.uncertainty_dir else None
+        _check_dicom_outputs(ct, outputs)
         prediction = segmenter.predict(ct, pet, ct_only=ct_only, pet_missing=pet_missing, clicks=clicks,
-                                       uncertainty=uncertainty, report=report)
+                                       uncertainty=uncertainty, report=report, ct_series=ct_series,
+                                       pet_series=pet_series)
         if outputs.qc_png is not None:
             _draw_qc(prediction, outputs.qc_png, case_name=Path(ct).name)
         if outputs.sidecar is not None:
@@ -79,6 +88,7 @@ def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseO
             with report.stage("write_uncertainty"):
                 report.update("uncertainty", files=write_maps(prediction.uncertainty, prediction.case.ct_grid,
                                                               outputs.uncertainty_dir))
+        _write_dicom_outputs(prediction, outputs)
         with report.stage("write"):
             write_image_atomic(prediction.mask, outputs.mask)
         report.set("output", str(outputs.mask))
@@ -128,6 +138,32 @@ def _write_sidecar(prediction: Prediction, sidecar: Path, *, mask_path: Path) ->
     prediction.report.set("sidecar", str(sidecar))
 
 
+def _check_dicom_outputs(ct, outputs: CaseOutputs) -> None:
+    """DICOM-SEG and RTSTRUCT reference the CT's slices: refused before the run when the CT is not a series."""
+    for option, path in (("--out-dicom-seg", outputs.dicom_seg), ("--out-rtstruct", outputs.rtstruct)):
+        if path is not None and not (isinstance(ct, (str, Path)) and Path(ct).is_dir()):
+            raise InputError(f"{option} {path} needs the CT as a DICOM series folder to reference, but the CT is "
+                             f"{ct}: give --ct DIR (a folder of CT slices), or leave out {option}")
+
+
+def _write_dicom_outputs(prediction: Prediction, outputs: CaseOutputs) -> None:
+    if outputs.dicom_seg is None and outputs.rtstruct is None:
+        return
+    from hnseg_infer.io import dicom_out
+
+    ct_dicom, report = prediction.case.ct_dicom, prediction.report
+    if outputs.dicom_seg is not None:
+        with report.stage("write_dicom_seg"):
+            dicom_out.write_dicom_seg(prediction.mask, dicom_out.require_dicom_ct(ct_dicom, "--out-dicom-seg"),
+                                      outputs.dicom_seg)
+        report.set("dicom_seg", str(outputs.dicom_seg))
+    if outputs.rtstruct is not None:
+        with report.stage("write_rtstruct"):
+            dicom_out.write_rtstruct(prediction.mask, dicom_out.require_dicom_ct(ct_dicom, "--out-rtstruct"),
+                                     outputs.rtstruct)
+        report.set("rtstruct", str(outputs.rtstruct))
+
+
 def _blank_like(image):
     import SimpleITK as sitk
 
@@ -136,9 +172,27 @@ def _blank_like(image):
     return blank
 
 
+def _is_dicom_folder(folder: Path) -> bool:
+    """A folder of DICOM files (*.dcm) and no image file: a series, read by io/dicom.py."""
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    return any(p.name.lower().endswith(".dcm") for p in files) and not any(is_image_file(p) for p in files)
+
+
 def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | None]:
-    """CT and PET of a grand-challenge input folder. A missing PET is handed on (with where it was looked for):
-    the recipe decides whether the case runs CT-only or the missing PET is the error."""
+    """CT and PET of a grand-challenge input folder (images/ct and images/pet each hold one image file, or one
+    DICOM series). A missing PET is handed on (with where it was looked for): the recipe decides whether the case
+    runs CT-only or the missing PET is the error."""
+    images = Path(input_dir) / "images"
+    if _is_dicom_folder(images / "ct") or _is_dicom_folder(images / "pet"):
+        def find(role):
+            folder = images / role
+            return folder if _is_dicom_folder(folder) else find_single_image(folder, role)
+
+        ct = find("ct")
+        try:
+            return ct, find("pet"), None
+        except MissingPetError as missing:
+            return ct, None, missing
     try:
         ct, pet = discover_inputs(input_dir)
     except MissingPetError as missing:  # raised after the CT was found
@@ -212,7 +266,9 @@ def _batch(args) -> int:
         outputs = CaseOutputs(out / f"{case.name}.mha", out / f"{case.name}.report.json",
                               out / f"{case.name}.qc.png" if args.qc else None,
                               out / f"{case.name}.sidecar.json" if args.sidecar else None,
-                              out / f"{case.name}.uncertainty" if args.uncertainty else None)
+                              out / f"{case.name}.uncertainty" if args.uncertainty else None,
+                              out / f"{case.name}.seg.dcm" if args.dicom_seg else None,
+                              out / f"{case.name}.rtstruct.dcm" if args.rtstruct else None)
         if run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
                     uncertainty_seed=args.uncertainty_seed, debug=args.debug):
             failed.append(case.name)
@@ -228,8 +284,15 @@ def _evaluate(args) -> int:
     from hnseg_infer.tools import metrics
 
     try:
-        pairs = metrics.pair_masks(args.pred, args.gt)
-        cases = [metrics.evaluate_files(pred, ref, case=case)
+        if metrics.is_rtstruct_reference(args.gt):  # DICOM references, rasterised on each mask's grid
+            pairs = metrics.pair_rtstructs(args.pred, args.gt)
+            score = partial(metrics.evaluate_rtstruct, roi_mapping=args.gt_roi or metrics.DEFAULT_GT_ROI)
+        elif args.gt_roi:
+            raise InputError(f"--gt-roi {args.gt_roi!r} applies to RTSTRUCT references, but --gt {args.gt} holds "
+                             f"masks: leave out --gt-roi, or give RTSTRUCT files (.dcm)")
+        else:
+            pairs, score = metrics.pair_masks(args.pred, args.gt), metrics.evaluate_files
+        cases = [score(pred, ref, case=case)
                  for case, pred, ref in tqdm(pairs, desc="hnseg evaluate", unit="case", file=sys.stderr,
                                                 leave=False, disable=None)]
         summary = metrics.aggregate(cases)
@@ -268,6 +331,18 @@ def _check_output(args) -> int:
     return 0
 
 
+def _add_dicom_options(parser_: argparse.ArgumentParser) -> None:
+    """--ct/--pet may be DICOM series folders (docs/dicom.md); these select a series and ask for DICOM outputs."""
+    parser_.add_argument("--ct-series", default=None, metavar="UID",
+                         help="the CT's SeriesInstanceUID when the --ct folder holds several series")
+    parser_.add_argument("--pet-series", default=None, metavar="UID",
+                         help="the PET's SeriesInstanceUID when the --pet folder holds several series")
+    parser_.add_argument("--out-dicom-seg", type=Path, default=None, metavar="FILE",
+                         help="also write the mask as a DICOM-SEG referencing the CT series (needs --ct DIR)")
+    parser_.add_argument("--out-rtstruct", type=Path, default=None, metavar="FILE",
+                         help="also write the mask as an RTSTRUCT (ROIs GTVp, GTVn) on the CT series (needs --ct DIR)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
     p.add_argument("--sidecar", type=Path, default=None,
                    help="also write the crop provenance (JSON: crop indices, grids, ROI record) here")
+    _add_dicom_options(p)
 
     for parser_ in (p, r := sub.add_parser("refine", parents=[common], help="one case refined by clicks: --ct CT "
                                            "--pet PET --clicks clicks.json --out MASK (a model with prompt channels)")):
@@ -300,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--report", type=Path, default=None)
     r.add_argument("--qc", type=Path, default=None, help="also draw the QC picture (PNG) here")
+    _add_dicom_options(r)
 
     b = sub.add_parser("batch", parents=[common], help="every case folder under --input")
     b.add_argument("--input", type=Path, required=True)
@@ -309,11 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--uncertainty", action="store_true",
                    help="also write the recipe's uncertainty maps to OUT/CASE.uncertainty/")
     b.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    b.add_argument("--dicom-seg", action="store_true",
+                   help="also write OUT/CASE.seg.dcm (DICOM-SEG; the case's images/ct must be a DICOM series)")
+    b.add_argument("--rtstruct", action="store_true",
+                   help="also write OUT/CASE.rtstruct.dcm (RTSTRUCT; the case's images/ct must be a DICOM series)")
 
     e = sub.add_parser("evaluate", help="HECKTOR metrics of predicted masks against references (paired by file name)")
     e.add_argument("--pred", type=Path, required=True, help="folder of predicted masks (.mha/.nii.gz), or one mask")
     e.add_argument("--gt", type=Path, required=True,
                    help="folder of reference masks with the same file names, or one mask (then --pred is one too)")
+    e.add_argument("--gt-roi", default=None, metavar="MAPPING",
+                   help="with RTSTRUCT references (--gt FILE.dcm or a folder of CASE.dcm): which ROIs are GTVp and "
+                        "GTVn, shell patterns, e.g. 'GTVp=GTV_P,GTVn=GTV_N*' (default 'GTVp=GTVp,GTVn=GTVn')")
     e.add_argument("--csv", type=Path, default=None, help="one row per case")
     e.add_argument("--json", type=Path, default=None, help='{"cases": [...], "aggregate": {...}}')
 
@@ -372,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                        report_path=args.report,
                        device=args.device, debug=args.debug, qc_png=args.qc, sidecar=getattr(args, "sidecar", None),
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
-                       uncertainty_seed=args.uncertainty_seed)
+                       uncertainty_seed=args.uncertainty_seed, ct_series=getattr(args, "ct_series", None),
+                       pet_series=getattr(args, "pet_series", None), dicom_seg=getattr(args, "out_dicom_seg", None),
+                       rtstruct=getattr(args, "out_rtstruct", None))
     return _batch(args)
 
 

@@ -97,12 +97,18 @@ def check_image(image: sitk.Image, role: str, path: Path) -> sitk.Image:
     return image
 
 
-def _image(source: "Path | str | sitk.Image", role: str) -> tuple[sitk.Image, Path]:
-    """An image and the name messages and the report give it: a file read from its path, or one given in memory."""
+def _image(source: "Path | str | sitk.Image", role: str, series_uid: str | None = None):
+    """(image, the name messages and the report give it, its DicomSeries or None): a file read from its path, a
+    DICOM series folder (io/dicom.py; pydicom is imported only then), or an image given in memory."""
     if isinstance(source, sitk.Image):
         name = Path(f"<{role.upper()} image given in memory>")
-        return check_image(source, role, name), name
-    return read_image(Path(source), role), Path(source)
+        return check_image(source, role, name), name, None
+    if Path(source).is_dir():
+        from hnseg_infer.io.dicom import read_series
+
+        image, series = read_series(Path(source), role, series_uid)
+        return check_image(image, role, Path(source)), Path(source), series
+    return read_image(Path(source), role), Path(source), None
 
 
 def repair_nonfinite(image: sitk.Image, *, role: str, path: Path, warnings: list[str]) -> sitk.Image:
@@ -133,10 +139,13 @@ class PetUnit:
     suv_per_stored_value: float
     p999: float
     note: str
+    source: str = "estimate"  # "estimate" (from the voxels) or "dicom" (from the series' tags, io/dicom.py)
+    dicom_tags: dict | None = None  # the DICOM tags read for the factor, when the PET is a DICOM series
 
     def to_dict(self) -> dict:
-        return {"unit": self.unit, "suv_per_stored_value": self.suv_per_stored_value,
-                "p99_9": round(self.p999, 4), "note": self.note}
+        out = {"unit": self.unit, "suv_per_stored_value": self.suv_per_stored_value,
+               "p99_9": round(self.p999, 4), "note": self.note, "source": self.source}
+        return out if self.dicom_tags is None else {**out, "dicom_tags": self.dicom_tags}
 
 
 def detect_pet_unit(pet: sitk.Image) -> PetUnit:
@@ -166,6 +175,8 @@ class Case:
     pet_path: Path | None
     pet_unit: PetUnit | None
     warnings: list[str] = field(default_factory=list)
+    ct_dicom: object | None = None  # the CT's DicomSeries (io/dicom.py) when it was read from one: SEG/RTSTRUCT
+    pet_dicom: object | None = None
 
     @property
     def ct_only(self) -> bool:
@@ -199,24 +210,30 @@ def check_overlap(ct_grid: Grid, pet_grid: Grid, *, ct_path: Path, pet_path: Pat
         warnings.append(f"PET covers only {fraction:.0%} of the CT volume; outside it the PET channel is 0")
 
 
-def load_case(ct: "Path | str | sitk.Image", pet: "Path | str | sitk.Image | None") -> Case:
-    """Read (or take) and validate a PET/CT pair, each a path or a SimpleITK image; without `pet` the CT alone
-    (CT-only mode)."""
+def load_case(ct: "Path | str | sitk.Image", pet: "Path | str | sitk.Image | None", *, ct_series: str | None = None,
+              pet_series: str | None = None) -> Case:
+    """Read (or take) and validate a PET/CT pair, each a path, a DICOM series folder (`*_series`: which series of
+    a folder holding several) or a SimpleITK image; without `pet` the CT alone (CT-only mode)."""
     warnings: list[str] = []
-    ct, ct_path = _image(ct, "ct")
+    ct, ct_path, ct_dicom = _image(ct, "ct", ct_series)
     ct = repair_nonfinite(ct, role="ct", path=ct_path, warnings=warnings)
     if pet is None:
         _check_ct_not_constant(ct, ct_path)
-        return Case(ct, None, ct_path, None, None, warnings)
-    pet, pet_path = _image(pet, "pet")
+        return Case(ct, None, ct_path, None, None, warnings, ct_dicom=ct_dicom)
+    pet, pet_path, pet_dicom = _image(pet, "pet", pet_series)
     pet = repair_nonfinite(pet, role="pet", path=pet_path, warnings=warnings)
     check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
     _check_ct_not_constant(ct, ct_path)
-    pet_unit = detect_pet_unit(pet)
+    if pet_dicom is not None:
+        from hnseg_infer.io.dicom import dicom_pet_unit
+
+        pet, pet_unit = dicom_pet_unit(pet, pet_dicom, warnings)
+    else:
+        pet_unit = detect_pet_unit(pet)
     if pet_unit.p999 <= 0:
         raise InputError(f"PET {pet_path} has no positive uptake (99.9th percentile {pet_unit.p999}): "
                          f"expected an FDG PET in SUV or Bq/mL")
-    return Case(ct, pet, ct_path, pet_path, pet_unit, warnings)
+    return Case(ct, pet, ct_path, pet_path, pet_unit, warnings, ct_dicom=ct_dicom, pet_dicom=pet_dicom)
 
 
 def _check_ct_not_constant(ct: sitk.Image, ct_path: Path) -> None:

@@ -337,3 +337,46 @@ def write_csv(cases: Sequence[CaseMetrics], path: Path) -> None:
 def write_json(cases: Sequence[CaseMetrics], summary: dict, path: Path) -> None:
     """{"cases": [...], "aggregate": {...}}; undefined values are null."""
     _write_text(path, json.dumps({"cases": [c.to_dict() for c in cases], "aggregate": summary}, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ RTSTRUCT references (DICOM)
+
+RTSTRUCT_SUFFIX = ".dcm"
+DEFAULT_GT_ROI = "GTVp=GTVp,GTVn=GTVn"  # the names hnseg's own RTSTRUCTs use (AAPM TG-263)
+
+
+def is_rtstruct_reference(gt: Path) -> bool:
+    """--gt is an RTSTRUCT file, or a folder of <case>.dcm RTSTRUCTs (and no masks)."""
+    gt = Path(gt)
+    if gt.is_file():
+        return gt.name.lower().endswith(RTSTRUCT_SUFFIX)
+    return gt.is_dir() and any(p.name.lower().endswith(RTSTRUCT_SUFFIX) for p in gt.iterdir()) \
+        and not any(mask_stem(p) for p in gt.iterdir())
+
+
+def pair_rtstructs(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
+    """(case, prediction mask, RTSTRUCT): one mask and one file, or masks and <case>.dcm paired by name."""
+    pred, gt = Path(pred), Path(gt)
+    if gt.is_file():
+        if mask_stem(pred) is None:
+            raise InputError(f"--gt {gt} is one RTSTRUCT file, so --pred must be one mask, not {pred}")
+        return [(mask_stem(pred), pred, gt)]
+    refs = {p.name[:-len(RTSTRUCT_SUFFIX)]: p for p in sorted(gt.iterdir())
+            if p.is_file() and p.name.lower().endswith(RTSTRUCT_SUFFIX)}
+    preds = list_masks(pred, role="prediction")
+    if missing := sorted(refs.keys() ^ preds.keys()):
+        raise InputError(f"cases without a partner in {pred} (masks) and {gt} (<case>.dcm RTSTRUCTs): "
+                         f"{', '.join(missing[:MAX_NAMES_SHOWN])}: name each RTSTRUCT after its mask")
+    return [(case, preds[case], refs[case]) for case in sorted(refs)]
+
+
+def evaluate_rtstruct(pred_path: Path, rt_path: Path, roi_mapping: str, *, case: str) -> CaseMetrics:
+    """Score a mask against an RTSTRUCT's ROIs (chosen by `roi_mapping`, e.g. 'GTVp=GTV_P,GTVn=GTV_N*'),
+    rasterised on the mask's grid: the CT grid the contours were drawn on."""
+    from hnseg_infer.io.dicom_out import parse_roi_mapping, rasterise_rtstruct, read_rtstruct
+
+    pred = read_image(pred_path, "prediction")
+    grid = Grid.of(pred)
+    ref_zyx = rasterise_rtstruct(read_rtstruct(rt_path), grid, parse_roi_mapping(roi_mapping), path=rt_path)
+    return evaluate_arrays(label_array_zyx(pred, path=pred_path, role="prediction"), ref_zyx,
+                           spacing_zyx_mm=grid.spacing_xyz_mm[::-1], case=case)
