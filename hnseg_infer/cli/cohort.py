@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import SimpleITK as sitk
 from tqdm import tqdm
 
 import hnseg_infer
-from hnseg_infer.cli.cases import CohortLayout, hecktor_figures, run_source_case
-from hnseg_infer.cli.manifest import MANIFEST_FILE, Manifest, failed_row, recipe_sha256
+from hnseg_infer.cli.cases import CohortLayout, hecktor_figures, run_source_case, score
+from hnseg_infer.cli.manifest import COLUMNS, MANIFEST_FILE, Manifest, failed_row, recipe_sha256
 from hnseg_infer.errors import HnsegError
 from hnseg_infer.io.atomic import write_bytes_atomic
-from hnseg_infer.io.sources import CaseSource, Source, find_cases
+from hnseg_infer.io.sources import CaseSource, Source, find_cases, with_references
 from hnseg_infer.recipe.load import load_recipe, resolve_weights
 from hnseg_infer.segmenter import Segmenter
 
@@ -51,6 +52,7 @@ class CohortOptions:
     qc: bool = False
     force: bool = False
     ct_only: bool = False
+    references: Path | None = None
 
 
 class CaseWorker:
@@ -58,6 +60,7 @@ class CaseWorker:
 
     def __init__(self, weights: str, device: str, threads: int, out: str, qc: bool, recipe_sha: str, ct_only: bool):
         os.environ["HNSEG_THREADS"] = str(threads)  # onnxruntime's intra-op threads: this actor's CPUs
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # and ITK's resampling threads
         self.segmenter = Segmenter.from_weights(weights, device=device)
         self.layout, self.qc, self.recipe_sha, self.ct_only = CohortLayout(Path(out)), qc, recipe_sha, ct_only
 
@@ -80,6 +83,8 @@ def run_cohort(source_path: Path, options: CohortOptions) -> int:
     started = time.perf_counter()
     try:
         source = find_cases(source_path)
+        if options.references is not None:
+            source = with_references(source, options.references)
         recipe = load_recipe(resolve_weights(Path(options.weights)))
         manifest = Manifest.open(Path(options.out) / MANIFEST_FILE)
     except HnsegError as exc:
@@ -96,15 +101,21 @@ def run_cohort(source_path: Path, options: CohortOptions) -> int:
 
 
 def plan(source: Source, manifest: Manifest, *, recipe_sha: str, layout: CohortLayout, force: bool) -> list:
-    """The cases to run; the others (finished with this recipe and these inputs, mask present) become `skipped`."""
+    """The cases to run; the others (finished with this recipe and these inputs, mask present) become `skipped`,
+    scored again here when their reference is not the one they were scored against."""
     todo = []
     for case in source.cases:
-        previous = None if force else manifest.reusable(case, recipe_sha=recipe_sha,
-                                                        mask=layout.outputs(case.case, qc=False).mask)
+        mask = layout.outputs(case.case, qc=False).mask
+        previous = None if force else manifest.reusable(case, recipe_sha=recipe_sha, mask=mask)
         if previous is None:
             todo.append(case)
-        else:
-            manifest.rows[case.case] = {**previous, "status": "skipped"}
+            continue
+        row = {**previous, "status": "skipped"}
+        if row.get("reference", "") != str(case.reference or ""):
+            row = {k: v for k, v in row.items() if k in COLUMNS}  # the old reference's metrics go
+            row.update(reference=str(case.reference or ""), error="",
+                       **(score(mask, case) if case.reference else {}))
+        manifest.rows[case.case] = row
     _remove_partial_files(layout.out)
     manifest.write()
     return todo

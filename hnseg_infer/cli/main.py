@@ -254,6 +254,8 @@ def add_cohort_parser(sub, common) -> None:
     c.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (fractions share a GPU)")
     c.add_argument("--address", default=None, help="join a Ray cluster (auto, or ray://HOST:PORT) instead of "
                    "starting a local one")
+    c.add_argument("--references", type=Path, default=None, metavar="REFS", help="a folder of reference masks "
+                   "REFS/CASE.nii.gz|.mha for every case (instead of the source's own): scored as hnseg evaluate does")
     c.add_argument("--qc", action="store_true", help="also draw DIR/qc/CASE.png")
     c.add_argument("--force", action="store_true", help="rerun every case, even those the manifest says are done")
 
@@ -273,7 +275,7 @@ def _cohort(args) -> int:
     options = cohort.CohortOptions(
         weights=args.weights, out=args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         threads_per_worker=args.threads_per_worker or cohort.default_threads(args.workers), device=args.device,
-        address=args.address, qc=args.qc, force=args.force, ct_only=args.ct_only)
+        address=args.address, qc=args.qc, force=args.force, ct_only=args.ct_only, references=args.references)
     return cohort.run_cohort(args.source, options)
 
 

@@ -256,3 +256,28 @@ def _csv_cases(path: Path) -> tuple[CaseSource, ...]:
         raise InputError(f"cohort CSV {path}: rows {names(blank)} have no case name or no CT: fill them in")
     return tuple(CaseSource(r["case"].strip(), resolve(r["ct"]), resolve(r["pet"]), resolve(r.get("reference")))
                  for r in rows)
+
+
+# --- references from elsewhere ------------------------------------------------------------------------------
+
+
+def with_references(source: Source, folder: Path) -> Source:
+    """The source with each case's reference taken from FOLDER/CASE.<image suffix> (`--references`); every case
+    needs one (a partial set would make the HECKTOR figures a subset's); extra masks in FOLDER are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"references folder {folder} does not exist: pass a folder of masks named CASE.nii.gz/.mha")
+    by_case = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in IMAGE_SUFFIXES if path.name.endswith(s)), None)
+        if suffix and is_image_file(path):
+            by_case.setdefault(path.name[:-len(suffix)], []).append(path)
+    twice = [paths for paths in by_case.values() if len(paths) > 1]
+    if twice:
+        raise InputError(f"references folder {folder} holds two masks for one case ({names(twice[0])}): keep one")
+    missing = [c.case for c in source.cases if c.case not in by_case]
+    if missing:
+        raise InputError(f"references folder {folder} has no mask for cases {names(missing)}: expected "
+                         f"{folder}/CASE.nii.gz (or .mha) for every case")
+    cases = tuple(CaseSource(c.case, c.ct, c.pet, by_case[c.case][0]) for c in source.cases)
+    return Source(source.layout, source.root, cases)

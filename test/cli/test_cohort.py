@@ -187,6 +187,16 @@ def test_hecktor_layout_references_scored_as_hnseg_evaluate_does(tmp_path, ray_s
     # the resumed run's figures come back from the manifest's columns
     assert cohort(source, out, weights) == 0
     assert_same_figures(json.loads((out / "summary.json").read_text())["hecktor"], expected)
+    # other references (--references): the skipped cases are scored again against them, without running
+    (tmp_path / "empty").mkdir()
+    for case in ("CHUM-000", "CHUM-001"):
+        empty = sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz")) * 0
+        sitk.WriteImage(empty, str(tmp_path / "empty" / f"{case}.nii.gz"))
+    assert cohort(source, out, weights, "--references", tmp_path / "empty") == 0
+    rows = manifest_rows(out)
+    assert {r["status"] for r in rows.values()} == {"skipped"}
+    assert rows["CHUM-000"]["reference"] == str(tmp_path / "empty" / "CHUM-000.nii.gz")
+    assert json.loads((out / "summary.json").read_text())["hecktor"]["gtvp_dice_mean"] == 0.0  # nothing to find
 
 
 def test_errors_before_any_case_exit_2_and_write_nothing(tmp_path, weights, capsys):

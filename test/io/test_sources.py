@@ -137,3 +137,22 @@ def test_a_folder_in_two_layouts_is_ambiguous_and_an_empty_one_is_refused(tmp_pa
         find_cases(tmp_path / "empty")
     with pytest.raises(InputError, match="neither a folder nor a .csv file"):
         find_cases(tmp_path / "nothing")
+
+
+def test_references_from_another_folder_for_every_case(tmp_path):
+    from hnseg_infer.io.sources import with_references
+
+    touch(tmp_path / "src" / "A" / "images" / "ct" / "a.mha")
+    touch(tmp_path / "src" / "B" / "images" / "ct" / "b.mha")
+    touch(tmp_path / "refs" / "A.nii.gz")
+    touch(tmp_path / "refs" / "B.mha")
+    touch(tmp_path / "refs" / "C.mha")  # masks of other cases are ignored
+    source = with_references(find_cases(tmp_path / "src"), tmp_path / "refs")
+    assert [c.reference.name for c in source.cases] == ["A.nii.gz", "B.mha"]
+    (tmp_path / "refs" / "B.mha").unlink()
+    with pytest.raises(InputError, match=r"has no mask for cases B"):
+        with_references(find_cases(tmp_path / "src"), tmp_path / "refs")
+    touch(tmp_path / "refs" / "A.mha")
+    touch(tmp_path / "refs" / "B.mha")
+    with pytest.raises(InputError, match=r"two masks for one case \(.*A\.mha.*A\.nii\.gz"):
+        with_references(find_cases(tmp_path / "src"), tmp_path / "refs")
