@@ -52,6 +52,15 @@ for case in find_cases(cases).cases:
     assert row["status"] == "ok", row
 """
 
+RAY_START_SCRIPT = """
+import sys
+import ray
+from hnseg_infer.cli.cohort import local_ray_options
+ray.init(**local_ray_options(int(sys.argv[1])))
+ray.get(ray.remote(num_cpus=1)(lambda: 0).remote())  # one worker process up
+ray.shutdown()
+"""
+
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of a child process."""
@@ -124,6 +133,7 @@ def main(argv=None) -> int:
                                          str(args.work / "cohort"), "--weights", str(weights), "--device", "cpu",
                                          "--workers", str(args.workers), "--threads-per-worker",
                                          str(args.threads_per_worker)])
+    ray_start_s, _ = run_measured([python, "-c", RAY_START_SCRIPT, str(args.workers * args.threads_per_worker)])
     with open(args.work / "cohort" / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n and {r["status"] for r in rows} == {"ok"}
@@ -148,6 +158,7 @@ def main(argv=None) -> int:
     print(f"  cohort per-case seconds in the workers: median {np.median(case_s):.1f} "
           f"(range {min(case_s):.1f}-{max(case_s):.1f}), serial's {np.median(serial_case_s):.1f}; "
           f"{len(per_worker)} workers took cases")
+    print(f"  Ray alone (start a local Ray, run one no-op task, shut down; a fresh process): {ray_start_s:.1f} s")
     print(f"  voxels differing from reload: serial {differing_voxels(args.work / 'reload', args.work / 'serial', names)}"
           f", cohort {differing_voxels(args.work / 'reload', args.work / 'cohort' / 'masks', names)}")
     return 0

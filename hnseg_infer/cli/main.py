@@ -264,7 +264,9 @@ def _cohort(args) -> int:
     """`hnseg cohort` (cli/cohort.py); Ray is imported only here."""
     try:
         from hnseg_infer.cli import cohort
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
         print(f"hnseg: error: hnseg cohort needs Ray ({exc}): pip install 'hnseg[cohort]'", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.workers < 1 or (args.threads_per_worker is not None and args.threads_per_worker < 1) \

@@ -259,3 +259,22 @@ def test_batch_shares_the_sources_and_manifest_and_neither_batch_nor_process_imp
     rows = manifest_rows(tmp_path / "masks")
     assert {n: r["status"] for n, r in rows.items()} == {"A": "ok", "B": "ok"}
     assert rows["A"]["ct"] == str(tmp_path / "A_ct.mha") and (tmp_path / "masks" / "B.mha").is_file()
+
+
+def test_batch_runs_an_nnunet_raw_source_in_its_channel_order(tmp_path, weights):
+    """PET as channel 0 and CT as channel 1 (dataset.json): the masks are on the CT's grid and find the lesion."""
+    ct, pet = small_case(ct_direction=oblique_direction())
+    source = tmp_path / "Dataset900_HN"
+    (source / "imagesTs").mkdir(parents=True)
+    (source / "dataset.json").write_text(json.dumps({"channel_names": {"0": "PET", "1": "CT"},
+                                                     "labels": {"background": 0, "GTVp": 1, "GTVn": 2},
+                                                     "file_ending": ".nii.gz"}))
+    for case in ("HN_001", "HN_002"):
+        sitk.WriteImage(pet, str(source / "imagesTs" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(ct, str(source / "imagesTs" / f"{case}_0001.nii.gz"))
+    assert main(["batch", "--input", str(source), "--out", str(tmp_path / "masks"), "--weights", str(weights),
+                 "--device", "cpu"]) == 0
+    for case in ("HN_001", "HN_002"):
+        assert_on_ct_grid(tmp_path / "masks" / f"{case}.mha", sitk.ReadImage(str(source / "imagesTs" /
+                                                                               f"{case}_0001.nii.gz")))
+    assert set(manifest_rows(tmp_path / "masks")) == {"HN_001", "HN_002"}
