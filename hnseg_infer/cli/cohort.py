@@ -115,7 +115,7 @@ def plan(source: Source, manifest: Manifest, *, recipe_sha: str, layout: CohortL
             row = {k: v for k, v in row.items() if k in COLUMNS}  # the old reference's metrics go
             row.update(reference=str(case.reference or ""), error="",
                        **(score(mask, case) if case.reference else {}))
-        manifest.rows[case.case] = row
+        manifest.put(row)
     _remove_partial_files(layout.out)
     manifest.write()
     return todo

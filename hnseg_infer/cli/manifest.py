@@ -40,6 +40,9 @@ class Manifest:
 
     def __init__(self, path: Path, rows: dict[str, dict] | None = None):
         self.path, self.rows = Path(path), rows or {}
+        self._extra = dict.fromkeys(k for row in self.rows.values() for k in row if k not in COLUMNS)
+        self._fields: list[str] = []
+        self._lines: dict[str, str] = {}  # each row's CSV line, rendered once: a rewrite stays cheap at 1000s of rows
 
     @classmethod
     def open(cls, path: Path) -> "Manifest":
@@ -56,18 +59,28 @@ class Manifest:
             raise InputError(f"{path} is not an hnseg manifest (columns {list(rows[0])}): choose another --out")
         return cls(path, {row["case"]: row for row in rows})
 
+    def put(self, row: dict) -> None:
+        """Add or replace the case's row (written with the next `write`)."""
+        self.rows[row["case"]] = row
+        self._lines.pop(row["case"], None)
+        self._extra.update((k, None) for k in row if k not in self._extra and k not in COLUMNS)
+
     def record(self, row: dict) -> None:
         """Add or replace the case's row and rewrite the file."""
-        self.rows[row["case"]] = row
+        self.put(row)
         self.write()
 
     def write(self) -> None:
-        extra = list(dict.fromkeys(k for row in self.rows.values() for k in row if k not in COLUMNS))
-        text = StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS + extra, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: _cell(v) for k, v in row.items()} for row in self.rows.values())
-        write_bytes_atomic(self.path, text.getvalue().encode(), hint="pass an --out folder you can write")
+        fields = COLUMNS + list(self._extra)
+        if fields != self._fields:  # a new column: every line again
+            self._fields, self._lines = fields, {}
+        lines = [self._lines.get(case) or self._render(case, row) for case, row in self.rows.items()]
+        text = _csv_line(fields) + "".join(lines)
+        write_bytes_atomic(self.path, text.encode(), hint="pass an --out folder you can write")
+
+    def _render(self, case: str, row: dict) -> str:
+        self._lines[case] = line = _csv_line([_cell(row.get(k)) for k in self._fields])
+        return line
 
     def reusable(self, case: CaseSource, *, recipe_sha: str, mask: Path) -> dict | None:
         """The previous row when this case need not run again: it finished (ok/skipped) with this recipe, its mask
@@ -78,6 +91,12 @@ class Manifest:
         if (row["ct"], row["pet"]) != (str(case.ct), str(case.pet or "")):
             return None
         return row if {k: row[k] for k in ("ct_sha256", "pet_sha256")} == input_sha256(case) else None
+
+
+def _csv_line(values: list[str]) -> str:
+    text = StringIO()
+    csv.writer(text, lineterminator="\n").writerow(values)
+    return text.getvalue()
 
 
 def _cell(value) -> str:

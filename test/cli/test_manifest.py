@@ -84,6 +84,11 @@ def test_the_manifest_round_trips_and_refuses_other_csvs(tmp_path):
     back = Manifest.open(tmp_path / "m.csv").rows["x"]
     assert back["error"] == "a, \"quoted\" error" and back["seconds"] == "0.123457" and back["peak_memory_mib"] == ""
     assert back["gtvp_dice"] == "0.5" and not list(tmp_path.glob(".partial-*"))
+    manifest.record({"case": "y", "status": "ok", "gtvn_fn": 2})  # a new column after lines were rendered
+    manifest.record({"case": "x", "status": "failed", "error": "again"})  # a replaced row is rendered again
+    back = Manifest.open(tmp_path / "m.csv").rows
+    assert (back["x"]["status"], back["x"]["error"], back["x"]["gtvn_fn"]) == ("failed", "again", "")
+    assert (back["y"]["gtvn_fn"], back["y"]["gtvp_dice"]) == ("2", "") and list(back) == ["x", "y"]
     (tmp_path / "other.csv").write_text("name,value\nx,1\n")
     with pytest.raises(InputError, match="is not an hnseg manifest"):
         Manifest.open(tmp_path / "other.csv")
