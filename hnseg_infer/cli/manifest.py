@@ -45,7 +45,7 @@ class Manifest:
         self._lines: dict[str, str] = {}  # each row's CSV line, rendered once: a rewrite stays cheap at 1000s of rows
 
     @classmethod
-    def open(cls, path: Path) -> "Manifest":
+    def open(cls, path: Path) -> Manifest:
         """The manifest at `path` (empty when there is none yet); InputError when it is not one."""
         path = Path(path)
         if not path.exists():
