@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.errors import HnsegError, InputError, MissingPetError
-from hnseg_infer.io.images import discover_inputs, find_single_image, is_image_file, write_image_atomic
+from hnseg_infer.io.images import discover_inputs, find_single_image, is_dicom_folder, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
 from hnseg_infer.segmenter import Prediction, Segmenter
@@ -172,21 +172,15 @@ def _blank_like(image):
     return blank
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    """A folder of DICOM files (*.dcm) and no image file: a series, read by io/dicom.py."""
-    files = list(folder.iterdir()) if folder.is_dir() else []
-    return any(p.name.lower().endswith(".dcm") for p in files) and not any(is_image_file(p) for p in files)
-
-
 def _discover(input_dir: Path) -> tuple[Path, Path | None, MissingPetError | None]:
     """CT and PET of a grand-challenge input folder (images/ct and images/pet each hold one image file, or one
     DICOM series). A missing PET is handed on (with where it was looked for): the recipe decides whether the case
     runs CT-only or the missing PET is the error."""
     images = Path(input_dir) / "images"
-    if _is_dicom_folder(images / "ct") or _is_dicom_folder(images / "pet"):
+    if is_dicom_folder(images / "ct") or is_dicom_folder(images / "pet"):
         def find(role):
             folder = images / role
-            return folder if _is_dicom_folder(folder) else find_single_image(folder, role)
+            return folder if is_dicom_folder(folder) else find_single_image(folder, role)
 
         ct = find("ct")
         try:
@@ -239,39 +233,38 @@ def container_main(argv: list[str] | None = None) -> int:
 
 
 def _batch(args) -> int:
-    """Every case folder under --input (GC layout: CASE/[input/]images/{ct,pet}/*) → --out/CASE.mha, with the models
-    loaded once for the whole batch; per case CASE.report.json and, when asked, CASE.qc.png, CASE.sidecar.json and
-    CASE.uncertainty/."""
+    """Every case of --input (a cohort source: grand-challenge case folders, HECKTOR 2025, nnU-Net raw or a CSV;
+    io/sources.py) → --out/CASE.mha, with the models loaded once for the batch, serially and without Ray; per case
+    CASE.report.json and, when asked, CASE.qc.png, CASE.sidecar.json and CASE.uncertainty/; --out/manifest.csv
+    as `hnseg cohort` writes it (every case runs again: batch does not resume)."""
     from tqdm import tqdm
 
-    cases = sorted(p for p in Path(args.input).iterdir() if p.is_dir()) if Path(args.input).is_dir() else []
-    if not cases:
-        print(f"hnseg: error: no case folders in {args.input}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    from hnseg_infer.cli.cases import run_source_case
+    from hnseg_infer.cli.manifest import MANIFEST_FILE, Manifest, recipe_sha256
+    from hnseg_infer.io.sources import find_cases
+
     try:
+        cases = find_cases(args.input).cases
         segmenter = Segmenter.from_weights(args.weights, device=args.device)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     out = Path(args.out)
+    manifest, recipe_sha = Manifest(out / MANIFEST_FILE), recipe_sha256(segmenter.recipe)
     failed = []
     for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
-        root = case / "input" if (case / "input" / "images").is_dir() else case
-        try:
-            ct, pet, pet_missing = _discover(root)
-        except HnsegError as exc:
-            print(f"hnseg: error: {case.name}: {exc}", file=sys.stderr)
-            failed.append(case.name)
-            continue
-        outputs = CaseOutputs(out / f"{case.name}.mha", out / f"{case.name}.report.json",
-                              out / f"{case.name}.qc.png" if args.qc else None,
-                              out / f"{case.name}.sidecar.json" if args.sidecar else None,
-                              out / f"{case.name}.uncertainty" if args.uncertainty else None,
-                              out / f"{case.name}.seg.dcm" if args.dicom_seg else None,
-                              out / f"{case.name}.rtstruct.dcm" if args.rtstruct else None)
-        if run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
-                    uncertainty_seed=args.uncertainty_seed, debug=args.debug):
-            failed.append(case.name)
+        name = case.case
+        outputs = CaseOutputs(out / f"{name}.mha", out / f"{name}.report.json",
+                              out / f"{name}.qc.png" if args.qc else None,
+                              out / f"{name}.sidecar.json" if args.sidecar else None,
+                              out / f"{name}.uncertainty" if args.uncertainty else None,
+                              out / f"{name}.seg.dcm" if args.dicom_seg else None,
+                              out / f"{name}.rtstruct.dcm" if args.rtstruct else None)
+        row = run_source_case(segmenter, case, outputs, recipe_sha=recipe_sha, ct_only=args.ct_only,
+                              uncertainty_seed=args.uncertainty_seed, debug=args.debug)
+        manifest.record(row)
+        if row["status"] == "failed":
+            failed.append(name)
     print(f"hnseg batch: {len(cases) - len(failed)} of {len(cases)} cases ok"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return EXIT_USER_ERROR if failed else 0
@@ -305,6 +298,44 @@ def _evaluate(args) -> int:
         return EXIT_USER_ERROR
     print(metrics.summary_text(summary))
     return 0
+
+
+def add_cohort_parser(sub, common) -> None:
+    c = sub.add_parser("cohort", parents=[common], help="a cohort on Ray workers, with resume and the HECKTOR "
+                       "figures (pip install 'hnseg[cohort]'; docs/cohort.md)")
+    c.add_argument("source", type=Path, metavar="SOURCE", help="a folder of cases (grand-challenge, HECKTOR 2025 or "
+                   "nnU-Net raw layout) or a CSV case,ct,pet[,reference]")
+    c.add_argument("--out", type=Path, required=True, help="DIR: masks/, reports/, qc/, manifest.csv, summary.json")
+    c.add_argument("--workers", type=int, default=1, help="Ray actors, each with the models loaded once")
+    c.add_argument("--threads-per-worker", type=int, default=None, help="CPUs per worker (default: the CPUs / workers)")
+    c.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (fractions share a GPU)")
+    c.add_argument("--address", default=None, help="join a Ray cluster (auto, or ray://HOST:PORT) instead of "
+                   "starting a local one")
+    c.add_argument("--references", type=Path, default=None, metavar="REFS", help="a folder of reference masks "
+                   "REFS/CASE.nii.gz|.mha for every case (instead of the source's own): scored as hnseg evaluate does")
+    c.add_argument("--qc", action="store_true", help="also draw DIR/qc/CASE.png")
+    c.add_argument("--force", action="store_true", help="rerun every case, even those the manifest says are done")
+
+
+def _cohort(args) -> int:
+    """`hnseg cohort` (cli/cohort.py); Ray is imported only here."""
+    try:
+        from hnseg_infer.cli import cohort
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        print(f"hnseg: error: hnseg cohort needs Ray ({exc}): pip install 'hnseg[cohort]'", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.workers < 1 or (args.threads_per_worker is not None and args.threads_per_worker < 1) \
+            or args.gpus_per_worker < 0:
+        print(f"hnseg: error: --workers {args.workers}, --threads-per-worker {args.threads_per_worker} and "
+              f"--gpus-per-worker {args.gpus_per_worker} must be positive (GPUs: 0 or more)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    options = cohort.CohortOptions(
+        weights=args.weights, out=args.out, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        threads_per_worker=args.threads_per_worker or cohort.default_threads(args.workers), device=args.device,
+        address=args.address, qc=args.qc, force=args.force, ct_only=args.ct_only, references=args.references)
+    return cohort.run_cohort(args.source, options)
 
 
 def _pack_model(args) -> int:
@@ -421,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     pm.add_argument("weights_dir", type=Path, metavar="WEIGHTS_DIR", help="folder with recipe.json")
     pm.add_argument("--out", type=Path, required=True, help="the tarball to write, e.g. model.tar.gz")
 
+    add_cohort_parser(sub, common)
+
     co = sub.add_parser("check-output", help="check a container run's output folder against the contract")
     co.add_argument("--input", type=Path, required=True, help="the run's input folder (images/ct/*)")
     co.add_argument("--output", type=Path, required=True, help="the run's output folder")
@@ -451,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hnseg qc: wrote {args.out} in {seconds:.1f} s ({centre.describe()})")
         return 0
     args.weights = args.weights or default_weights()
+    if args.command == "cohort":
+        return _cohort(args)
     if args.command in ("predict", "refine"):
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,

@@ -187,7 +187,8 @@ class OnnxModel:
 def _session_options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = level
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    # HNSEG_THREADS: a process's share of the CPUs when several run side by side (hnseg cohort's workers)
+    options.intra_op_num_threads = threads or int(os.environ.get("HNSEG_THREADS") or 0) or os.cpu_count() or 1
     # The CPU arena keeps each session's peak activations (~1 GB per fold for a 5-stage U-Net on a 48×128×128
     # tile pair) for the life of the session; without it they are freed after each run, at ~10 % of the speed on this CPU.
     options.enable_cpu_mem_arena = False

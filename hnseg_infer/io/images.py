@@ -32,6 +32,12 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
 
 
+def is_dicom_folder(folder: Path) -> bool:
+    """A folder of DICOM files (*.dcm) and no image file: a series, read by io/dicom.py."""
+    files = list(folder.iterdir()) if folder.is_dir() else []
+    return any(p.name.lower().endswith(".dcm") for p in files) and not any(is_image_file(p) for p in files)
+
+
 def find_single_image(folder: Path, role: str) -> Path:
     """The one image file in `folder`; an InputError naming the folder when there are none or several (a
     MissingPetError when the PET folder is absent or holds no image: a CT-only recipe may go on without it)."""

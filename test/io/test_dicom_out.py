@@ -240,7 +240,7 @@ def test_batch_reads_dicom_case_folders_and_writes_seg_and_rtstruct(tmp_path, we
     assert "mha_case" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["dicom_case.mha", "dicom_case.report.json",
                                                       "dicom_case.rtstruct.dcm", "dicom_case.seg.dcm",
-                                                      "mha_case.report.json"]
+                                                      "manifest.csv", "mha_case.report.json"]
     assert pydicom.dcmread(out / "dicom_case.seg.dcm").Modality == "SEG"
     report = json.loads((out / "dicom_case.report.json").read_text())
     assert report["inputs"]["pet_unit"]["source"] == "dicom"
