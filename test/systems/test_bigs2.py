@@ -102,7 +102,7 @@ def test_harmonisation_reference_is_the_reference_subjects_ct_on_the_model_grid(
         {"file": "reference_ct_dct.npz", "sha256": reference.sha256}]
     ref_ct, ref_pet = _images(bigs2["reference"])
     record = model.provenance["harmonisation"]
-    assert record["reference_ct"]["path"] == str(ref_ct) and record["grid_size_zyx"] == [310, 200, 200]
+    assert record["reference_ct"]["path"] == str(ref_ct) and record["grid_size_zyx"] == (310, 200, 200)  # frozen: a tuple
     # recomputed here: the reference's ROI, the model grid in it, the CT sampled there, each slice's 2-D DCT
     case = load_case(ref_ct, ref_pet)
     roi = locate_roi("pet_threshold_head_neck_box", ct=case.ct, pet=case.pet, suv_per_stored_value=1.0, params={})
