@@ -16,6 +16,7 @@ import SimpleITK as sitk
 from hnseg_infer.errors import InputError, MissingPetError, OutputError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.io.header import check_header, read_header, read_voxels
 from hnseg_infer.labels import LABEL_VALUES
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
@@ -38,10 +39,17 @@ def find_single_image(folder: Path, role: str) -> Path:
     def missing(message: str) -> InputError:
         return MissingPetError(message, folder=folder) if role == "pet" else InputError(message)
 
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{role.upper()} folder {folder} is a file, not a folder: put the image inside a folder "
+                         f"{folder.name}/")
     if not folder.is_dir():
         raise missing(f"{role.upper()} folder {folder} does not exist: put exactly one {role.upper()} image "
                       f"({', '.join(IMAGE_SUFFIXES)}) there")
-    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    try:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    except PermissionError as exc:
+        raise InputError(f"{role.upper()} folder {folder} cannot be listed by this user ({exc.strerror}): make it "
+                         f"readable (chmod a+rx)") from exc
     if not files:
         raise missing(f"no {role.upper()} image in {folder}: expected exactly one file ending in "
                       f"{', '.join(IMAGE_SUFFIXES)}")
@@ -54,6 +62,9 @@ def find_single_image(folder: Path, role: str) -> Path:
 def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
     """(ct_path, pet_path) from a grand-challenge input folder: INPUT/images/ct/* and INPUT/images/pet/*."""
     input_dir = Path(input_dir)
+    if input_dir.exists() and not input_dir.is_dir():
+        raise InputError(f"input folder {input_dir} is a file, not a folder: pass --input DIR holding images/ct "
+                         f"and images/pet")
     if not input_dir.is_dir():
         raise InputError(f"input folder {input_dir} does not exist: pass --input DIR holding images/ct and images/pet")
     if not any(input_dir.iterdir()):
@@ -63,35 +74,18 @@ def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
 
 
 def read_image(path: Path, role: str) -> sitk.Image:
-    """Read a 3-D scalar image; InputError with the file name for anything else.
-    Integer images keep their type (an int16 whole-body CT is half the memory of float32); floats become float32."""
+    """Read a 3-D scalar image, its header validated before the voxels are read (io/header.py); InputError with
+    the file name for anything else. Integer images keep their type (an int16 whole-body CT is half the memory of
+    float32); floats become float32."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{role.upper()} image {path} does not exist")
-    if path.stat().st_size == 0:
-        raise InputError(f"{role.upper()} image {path} is an empty file (0 bytes): re-export the image")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
-        raise InputError(f"{role.upper()} image {path} cannot be read as a medical image ({first_line[:200]}): "
-                         f"provide a valid .mha, .nii(.gz) or .nrrd file") from exc
-    return check_image(image, role, path)
+    reader = read_header(path, role)
+    return check_image(read_voxels(reader, path, role), role, path)
 
 
 def check_image(image: sitk.Image, role: str, path: Path) -> sitk.Image:
-    """A 3-D scalar volume with positive spacing (`path` names it in messages); float64 becomes float32."""
-    if image.GetDimension() != 3:
-        raise InputError(f"{role.upper()} image {path} has {image.GetDimension()} dimensions (size "
-                         f"{list(image.GetSize())}): expected a 3-D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{role.upper()} image {path} has {image.GetNumberOfComponentsPerPixel()} components per "
-                         f"voxel: expected a scalar (grey-value) volume")
-    if min(image.GetSize()) < 2:
-        raise InputError(f"{role.upper()} image {path} has size {list(image.GetSize())}: a 3-D volume needs at "
-                         f"least 2 voxels along every axis")
-    if min(image.GetSpacing()) <= 0:
-        raise InputError(f"{role.upper()} image {path} has non-positive spacing {list(image.GetSpacing())} mm")
+    """A 3-D scalar volume of sane geometry (`check_header`; `path` names it in messages); float64 becomes
+    float32. Every reader (files, in-memory images, DICOM series) ends here."""
+    check_header(image, role, path)
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image
