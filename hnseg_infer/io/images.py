@@ -17,6 +17,7 @@ from hnseg_infer.errors import InputError, MissingPetError, OutputError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.atomic import write_atomic
 from hnseg_infer.io.header import check_header, read_header, read_voxels
+from hnseg_infer.io.plausibility import check_ct, check_pet, pet_within
 from hnseg_infer.labels import LABEL_VALUES
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
@@ -26,6 +27,7 @@ FILL_VALUE = {"ct": -1024.0, "pet": 0.0}
 # FDG PET stored in Bq/mL has tissue values in the thousands; SUV images rarely exceed ~100 even in the bladder.
 BQML_P999_THRESHOLD = 300.0
 MIN_OVERLAP_FRACTION_WARN = 0.5
+PET_FIELD_RATIO = 8
 
 
 def is_image_file(path: Path) -> bool:
@@ -133,12 +135,18 @@ class PetUnit:
                 "p99_9": round(self.p999, 4), "note": self.note}
 
 
-def detect_pet_unit(pet: sitk.Image) -> PetUnit:
+def detect_pet_unit(pet: sitk.Image, ct_grid: Grid | None = None) -> PetUnit:
     """SUV or Bq/mL, from the 99.9th percentile of uptake.
 
+    With `ct_grid`, a PET field much larger than the CT's (less than 1/PET_FIELD_RATIO of its voxels inside the
+    CT's field) is measured inside the CT's field only: its mostly empty background would pull the percentile
+    to zero. Other pairs are measured over the whole PET, as before (the committed masks depend on it).
     For Bq/mL the injected dose and weight are not in the image, so SUV is estimated by taking the median
     uptake inside the body (voxels above 5 % of the 99.9th percentile) as SUV 1; the report says so."""
     values = sitk.GetArrayViewFromImage(pet)
+    if ct_grid is not None:
+        within = pet_within(pet, ct_grid)
+        values = within if within.size * PET_FIELD_RATIO < values.size else values
     p999 = float(np.percentile(values, 99.9))
     if p999 <= BQML_P999_THRESHOLD:
         return PetUnit("suv", 1.0, p999, "values look like SUV (99.9th percentile <= "
@@ -199,24 +207,14 @@ def load_case(ct: "Path | str | sitk.Image", pet: "Path | str | sitk.Image | Non
     warnings: list[str] = []
     ct, ct_path = _image(ct, "ct")
     ct = repair_nonfinite(ct, role="ct", path=ct_path, warnings=warnings)
+    ct = check_ct(ct, ct_path, warnings)
     if pet is None:
-        _check_ct_not_constant(ct, ct_path)
         return Case(ct, None, ct_path, None, None, warnings)
     pet, pet_path = _image(pet, "pet")
     pet = repair_nonfinite(pet, role="pet", path=pet_path, warnings=warnings)
     check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
-    _check_ct_not_constant(ct, ct_path)
-    pet_unit = detect_pet_unit(pet)
-    if pet_unit.p999 <= 0:
-        raise InputError(f"PET {pet_path} has no positive uptake (99.9th percentile {pet_unit.p999}): "
-                         f"expected an FDG PET in SUV or Bq/mL")
-    return Case(ct, pet, ct_path, pet_path, pet_unit, warnings)
-
-
-def _check_ct_not_constant(ct: sitk.Image, ct_path: Path) -> None:
-    ct_coarse = sitk.GetArrayViewFromImage(ct)[::4, ::4, ::4]  # a constant (blank) CT shows on any sub-lattice
-    if ct_coarse.min() == ct_coarse.max():
-        raise InputError(f"CT {ct_path} is constant ({ct_coarse.min()}): expected a CT in HU")
+    check_pet(pet, ct, pet_path)
+    return Case(ct, pet, ct_path, pet_path, detect_pet_unit(pet, Grid.of(ct)), warnings)
 
 
 def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
