@@ -277,3 +277,183 @@ def test_a_huge_header_is_refused_before_allocating(tmp_path):
     message, peak_mib = result.stdout.strip().splitlines()
     assert "GiB of voxels" in message and "DimSize" in message, result.stdout + result.stderr
     assert int(peak_mib) < 400, peak_mib
+
+
+# ---- class 3: after any run the output folder holds exactly one valid mask from this run, or nothing ----
+
+def _stale(out):
+    socket = (out / GC_OUTPUT).parent
+    socket.mkdir(parents=True)
+    (out / GC_OUTPUT).write_bytes(b"an earlier run's mask")
+    (socket / ".partial-killed.mha").write_bytes(b"half a mask")
+    return socket
+
+
+def test_a_failed_run_leaves_neither_an_earlier_mask_nor_a_partial_file(case_dir, weights_dir, tmp_path):
+    out = tmp_path / "output"
+    socket = _stale(out)
+    (case_dir / "images/ct/ct.mha").unlink()
+    result = run_process(case_dir, out, weights_dir, tmp_path / "r.json")
+    assert result.returncode == 2, result.stderr
+    assert list(socket.iterdir()) == []
+
+
+def test_a_successful_run_leaves_exactly_its_own_mask_readable_by_all(case_dir, weights_dir, tmp_path):
+    out = tmp_path / "output"
+    _stale(out)
+    result = run_process(case_dir, out, weights_dir, tmp_path / "r.json")
+    assert result.returncode == 0, result.stderr
+    assert files_under(out) == ["images", str(GC_OUTPUT.parent), str(GC_OUTPUT)]
+    assert sitk.ReadImage(str(out / GC_OUTPUT)).GetSize() == (48, 40, 20)
+    assert (out / GC_OUTPUT).stat().st_mode & 0o777 == 0o644
+    import json
+    assert any("left in" in w and ".partial-killed.mha" in w for w in json.loads((tmp_path / "r.json").read_text())
+               ["warnings"])
+
+
+def test_the_mask_mode_follows_the_umask(tmp_path):
+    from hnseg_infer.io.atomic import write_bytes_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_bytes_atomic(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("where", ["report_inside_output", "output_is_a_file", "output_parent_is_a_file"])
+def test_output_paths_that_cannot_work_are_refused_before_anything_runs(case_dir, weights_dir, tmp_path, where):
+    out, report = tmp_path / "output", tmp_path / "r.json"
+    if where == "report_inside_output":
+        report = out / "report.json"
+    elif where == "output_is_a_file":
+        out.write_text("a file")
+    else:
+        (tmp_path / "file").write_text("a file")
+        out = tmp_path / "file" / "output"
+    result = run_process(case_dir, out, weights_dir, report)
+    assert result.returncode == 2, result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert {"report_inside_output": "inside the output folder", "output_is_a_file": "is a file, not a folder",
+            "output_parent_is_a_file": "is a file, not a folder"}[where] in line, line
+    assert "Timing" not in result.stdout and not report.exists()
+    assert files_under(out) == [] if out.is_dir() else True
+
+
+# ---- class 4: the mask is the product: a report or summary that cannot be written is a warning, never exit 1 ----
+
+def test_a_report_that_cannot_be_written_is_a_warning_with_the_mask_in_place(case_dir, weights_dir, tmp_path):
+    (tmp_path / "file").write_text("a file")
+    out = tmp_path / "output"
+    result = run_process(case_dir, out, weights_dir, tmp_path / "file" / "report.json")
+    assert result.returncode == 0, result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("hnseg: warning: run report not written") and "report.json" in line, line
+    assert result.stdout.startswith("hnseg: ok") and (out / GC_OUTPUT).is_file()
+
+
+def test_a_closed_stdout_is_not_a_failure(case_dir, weights_dir, tmp_path):
+    out = tmp_path / "output"
+    cmd = [sys.executable, "process.py", "--input", str(case_dir), "--output", str(out), "--weights",
+           str(weights_dir), "--report", str(tmp_path / "r.json"), "--device", "cpu"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[2])
+    process.stdout.close()  # the reader went away before the summary line
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 0, stderr
+    assert stderr == "" and (out / GC_OUTPUT).is_file()
+
+
+def test_file_names_the_terminal_cannot_encode_or_that_hold_control_characters(case_dir, weights_dir, tmp_path):
+    ct = case_dir / "images/ct/ct.mha"
+    (case_dir / "images/ct/é\n\x1b[31mred.mha").write_bytes(ct.read_bytes())
+    out = tmp_path / "output"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = run_process(case_dir, out, weights_dir, tmp_path / "r.json", env=env)
+    assert result.returncode == 2, result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert "2 CT images" in line and "\\n\\x1b[31mred.mha" in line and "\\xe9" in line, line
+
+
+# ---- class 4 and 5 as the image runs: a non-root user, HOME unwritable, a /tmp/hnseg of someone else ----
+
+NOBODY = 65534
+
+
+def _as_nobody_possible() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run process.py as nobody"
+    import shutil
+    if shutil.which("setpriv") is None:
+        return "needs setpriv (util-linux)"
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+                            "-c", "import SimpleITK, onnxruntime"], capture_output=True)
+    return None if probe.returncode == 0 else "this Python cannot run as nobody"
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user may read (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="hnseg-hostile-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def _run_as_nobody(case, out, weights, report):
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "process.py", "--input", str(case), "--output", str(out), "--weights", str(weights),
+           "--device", "cpu", "--report", str(report)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300,
+                          env={**os.environ, "HOME": "/nonexistent"})
+
+
+@pytest.mark.skipif(_as_nobody_possible() is not None, reason=str(_as_nobody_possible()))
+def test_as_a_non_root_user_with_someone_elses_folders(shared_tmp):
+    from builders import write_weights
+
+    ct, pet = small_case()
+    case = write_gc_input(shared_tmp / "input", ct, pet)
+    weights = write_weights(shared_tmp / "weights")
+    for p in [shared_tmp, *shared_tmp.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    theirs = shared_tmp / "root-owned"  # like a /tmp/hnseg made by another user, or an /output not mounted for us
+    theirs.mkdir(mode=0o755)
+    out = shared_tmp / "output"
+    out.mkdir()
+    out.chmod(0o777)  # mkdir applies the umask
+
+    refused = _run_as_nobody(case, theirs / "output", weights, shared_tmp / "r.json")
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    line = lines[0]
+    assert "may not write in" in line and str(theirs) in line, line
+
+    ok = _run_as_nobody(case, out, weights, theirs / "hnseg" / "report.json")
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stderr.strip().splitlines()  # onnxruntime's telemetry and ITK stay silent; only the report warning
+    assert len(lines) == 1 and lines[0].startswith("hnseg: warning: run report not written"), ok.stderr
+    assert (out / GC_OUTPUT).stat().st_uid == NOBODY
+
+    weights.chmod(0o700)
+    unreadable = _run_as_nobody(case, out, weights, theirs / "r.json")
+    assert unreadable.returncode == 2, unreadable.stderr
+    line, = unreadable.stderr.strip().splitlines()  # the error, and on its line that the report was not written
+    assert "weights" in line and "cannot be read by this user" in line and "run report not written" in line, line
+    assert not (out / GC_OUTPUT).exists()  # the earlier run's mask is gone: it is not this run's result
+
+
+def test_pet_values_near_float32s_maximum_are_refused_in_one_line(case_dir, weights_dir, tmp_path):
+    pet_path = case_dir / "images/pet/pet.mha"
+    pet = sitk.ReadImage(str(pet_path))
+    values = sitk.GetArrayFromImage(pet)
+    values[values > 5] = 3.0e38
+    broken = sitk.GetImageFromArray(values)
+    broken.CopyInformation(pet)
+    sitk.WriteImage(broken, str(pet_path))
+    result = run_process(case_dir, tmp_path / "output", weights_dir, tmp_path / "r.json")
+    assert result.returncode == 2, result.stderr
+    line, = result.stderr.strip().splitlines()
+    assert "beyond any uptake" in line and "3e+38" in line, line
