@@ -457,3 +457,48 @@ def test_pet_values_near_float32s_maximum_are_refused_in_one_line(case_dir, weig
     assert result.returncode == 2, result.stderr
     line, = result.stderr.strip().splitlines()
     assert "beyond any uptake" in line and "3e+38" in line, line
+
+
+# ---- class 7: weights that changed: each model file's sha256 recorded in the recipe and verified on load ----
+
+def _weights_with_hashes(folder):
+    import json
+
+    from builders import write_weights
+    from hnseg_infer.io.atomic import file_sha256
+
+    weights = write_weights(folder)
+    recipe = json.loads((weights / "recipe.json").read_text())
+    recipe["models"][0]["sha256"] = [file_sha256(weights / "model.onnx")]
+    (weights / "recipe.json").write_text(json.dumps(recipe))
+    return weights
+
+
+def test_a_model_file_replaced_by_another_of_the_same_signature_is_refused(case_dir, tmp_path, monkeypatch):
+    from builders import save_linear_model
+    from hnseg_infer.errors import RecipeError
+    from hnseg_infer.recipe.load import SKIP_HASH_CHECK_ENV, load_recipe
+
+    weights = _weights_with_hashes(tmp_path / "weights")
+    assert load_recipe(weights).stages[0].models[0].sha256  # as exported: loads
+    save_linear_model(weights / "model.onnx", [[0, 0], [0, 3.0], [0, 0]], [0, -10.0, -10.0])  # same inputs/outputs
+    with pytest.raises(RecipeError, match="model.onnx has sha256 .* but the recipe records") as info:
+        load_recipe(weights)
+    assert SKIP_HASH_CHECK_ENV in str(info.value)
+    result = run_process(case_dir, tmp_path / "output", weights, tmp_path / "r.json")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model.onnx has sha256" in result.stderr and files_under(tmp_path / "output") == []
+    monkeypatch.setenv(SKIP_HASH_CHECK_ENV, "1")  # the documented way to run weights edited on purpose
+    assert load_recipe(weights).stages[0].models[0].files[0].name == "model.onnx"
+
+
+def test_recipes_written_by_the_runtime_record_and_round_trip_the_hashes(tmp_path):
+    from hnseg_infer.io.atomic import file_sha256
+    from hnseg_infer.recipe.load import load_recipe, parse_recipe
+
+    repo = Path(__file__).resolve().parents[2]
+    demo = load_recipe(repo / "weights/demo")  # the shipped weights record their hashes, and they hold
+    for stage, raw in zip(demo.stages, demo.to_json()["stages"]):
+        for model, entry in zip(stage.models, raw["models"]):
+            assert entry["sha256"] == [file_sha256(f) for f in model.files]
+    assert parse_recipe(demo.to_json(), demo.path) == demo  # the form every exporter writes (write_recipe)
