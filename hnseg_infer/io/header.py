@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,11 +46,13 @@ def captured_native_stderr():
     terminal: the one-line rule, and the real reason of a failed read for the message."""
     lines: list[str] = []
     with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stderr.flush()  # what Python buffered before goes where it was meant to
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         try:
             yield lines
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
@@ -110,13 +113,15 @@ def check_metaimage(path: Path, role: str) -> None:
                              f"{data_path} beside the header, or convert the pair to one .mha file")
     size, element = _numbers(fields.get("DimSize", "")), METAIMAGE_BYTES.get(fields.get("ElementType", ""))
     compressed = fields.get("CompressedData", "False").lower() == "true"
-    if not size or element is None or compressed or data_file != "LOCAL":
+    if not size or element is None or compressed or data_file.startswith("LIST") or not data_file:
         return
-    channels = int(_numbers(fields.get("ElementNumberOfChannels", "1"))[0] or 1)
+    channels = int((_numbers(fields.get("ElementNumberOfChannels", "1")) or [1])[0])
     expected = int(np.prod(size)) * element * channels
-    with open(path, "rb") as f:
-        header_bytes = _header_length(f)
-        stored = path.stat().st_size - header_bytes
+    if data_file == "LOCAL":
+        with open(path, "rb") as f:
+            stored = path.stat().st_size - _header_length(f)
+    else:
+        stored = (path.parent / data_file).stat().st_size
     if stored < expected:
         raise InputError(f"{label} is truncated: its header (DimSize = {fields['DimSize']}, "
                          f"{fields['ElementType']}) needs {expected} bytes of voxels but the file holds {stored}: "

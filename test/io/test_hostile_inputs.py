@@ -89,6 +89,14 @@ def test_a_truncated_compressed_file_says_why_in_one_line(tmp_path):
     assert "No such file" not in message and ".cxx" not in message
 
 
+def test_a_raw_file_shorter_than_its_header_says_is_refused(tmp_path):
+    ct, _ = small_case()
+    sitk.WriteImage(ct, str(tmp_path / "ct.mhd"))
+    raw = tmp_path / "ct.raw"
+    raw.write_bytes(raw.read_bytes()[:-4])
+    _refused(tmp_path / "ct.mhd", "is truncated")
+
+
 def test_a_missing_raw_file_is_named(tmp_path):
     ct, _ = small_case()
     sitk.WriteImage(ct, str(tmp_path / "ct.mhd"))
