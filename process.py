@@ -7,7 +7,10 @@ Reads /input/images/{ct,pet}/*, writes /output/images/tumor-lymph-node-segmentat
 
 import sys
 
-from hnseg_infer.cli.main import container_main
+from hnseg_infer.cli.console import import_onnxruntime_quietly
+
+import_onnxruntime_quietly()  # before hnseg_infer.cli.main imports it: one line on stderr, whatever HOME is
+from hnseg_infer.cli.main import container_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(container_main())

@@ -84,7 +84,12 @@ class Segmenter:
     @classmethod
     def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
-        return cls(load_recipe(resolve_weights(Path(weights))), device=device)
+        try:
+            recipe = load_recipe(resolve_weights(Path(weights)))
+        except PermissionError as exc:  # a folder or file of the weights this user may not read
+            raise RecipeError(f"weights {exc.filename} cannot be read by this user ({exc.strerror}): make the "
+                              f"weights folder {weights} readable (chmod -R a+rX)") from exc
+        return cls(recipe, device=device)
 
     @property
     def provider(self) -> str:

@@ -16,7 +16,9 @@ from functools import partial
 from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
-from hnseg_infer.errors import HnsegError, InputError, MissingPetError
+from hnseg_infer.cli.console import quiet_libraries, say
+from hnseg_infer.errors import HnsegError, InputError, MissingPetError, OutputError
+from hnseg_infer.io.atomic import check_writable_folder, clear_previous
 from hnseg_infer.io.images import discover_inputs, find_single_image, is_dicom_folder, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
@@ -53,9 +55,9 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
             ct_series: str | None = None, pet_series: str | None = None, dicom_seg: Path | None = None,
-            rtstruct: Path | None = None) -> int:
+            rtstruct: Path | None = None, report: RunReport | None = None) -> int:
     """Load the weights, predict one case and write its files (see `run_case`). Returns the exit code."""
-    report = RunReport()
+    report = report if report is not None else RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir, dicom_seg, rtstruct)
     try:
         segmenter = Segmenter.from_weights(weights, device=device)
@@ -99,23 +101,32 @@ def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseO
 
 
 def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, *, debug: bool) -> int:
-    """Report the error (one line on stderr), write the report, print the summary line; the exit code."""
-    code = 0
+    """Write the report, report the error (one line on stderr), print the summary line; the exit code.
+    A report that cannot be written is a warning (on the error's line after an error): it never turns a run, or
+    its mask, into a failure."""
     if isinstance(exc, HnsegError):
         report.finish("error", str(exc))
-        print(f"hnseg: error: {exc}", file=sys.stderr)
-        code = EXIT_USER_ERROR
     elif exc is not None:
         report.finish("internal error", f"{type(exc).__name__}: {exc}")
-        print(f"hnseg: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-              file=sys.stderr)
-        code = EXIT_INTERNAL_ERROR
+    not_written = ""
+    if report_path is not None:
+        try:
+            report.write(report_path)
+        except OutputError as error:
+            not_written = f"run report not written: {error}"
+    if isinstance(exc, HnsegError):
+        say(f"hnseg: error: {exc}" + (f" ({not_written})" if not_written else ""), sys.stderr)
+    elif exc is not None:
+        say(f"hnseg: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+            + (f" ({not_written})" if not_written else ""), sys.stderr)
         if debug:
             traceback.print_exception(exc)
-    if report_path is not None:
-        report.write(report_path)
-    print(report.summary_line())
-    return code
+    elif not_written:
+        say(f"hnseg: warning: {not_written}", sys.stderr)
+    say(report.summary_line())
+    if exc is None:
+        return 0
+    return EXIT_USER_ERROR if isinstance(exc, HnsegError) else EXIT_INTERNAL_ERROR
 
 
 def _draw_qc(prediction: Prediction, qc_png: Path, *, case_name: str) -> None:
@@ -221,15 +232,38 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
+    mask = args.output / GC_OUTPUT_RELATIVE
+    report = RunReport()
     try:
+        _check_container_paths(args, mask, report)
         ct, pet, pet_missing = _discover(args.input)
     except HnsegError as exc:
-        print(f"hnseg: error: {exc}", file=sys.stderr)
+        say(f"hnseg: error: {exc}", sys.stderr)
         return EXIT_USER_ERROR
-    return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
-                   out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
-                   device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
-                   uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
+    with quiet_libraries(report.warn):
+        return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing, out=mask, weights=weights,
+                       report_path=args.report, device=args.device, debug=args.debug, qc_png=args.qc,
+                       sidecar=args.sidecar, uncertainty_dir=args.uncertainty,
+                       uncertainty_seed=args.uncertainty_seed, report=report)
+
+
+def _check_container_paths(args, mask: Path, report: RunReport) -> None:
+    """Before anything is read: the output folder can take the mask, the report is not an extra file under it,
+    and what an earlier run left in the socket folder (its mask, a killed run's .partial-* file) is gone."""
+    output = args.output
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"output {output} is a file, not a folder: pass --output DIR (a folder)")
+    check_writable_folder(mask, "the mask")
+    if args.report is not None and _inside(args.report, output):
+        raise OutputError(f"--report {args.report} is inside the output folder {output}, where grand-challenge "
+                          f"takes only the mask: pass a report path outside it (default /tmp/hnseg/report.json)")
+    removed = clear_previous(mask)
+    if removed:
+        report.warn(f"removed {', '.join(removed)} left in {mask.parent} by an earlier run")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())  # symbolic links followed
 
 
 def _batch(args) -> int:

@@ -16,6 +16,8 @@ import SimpleITK as sitk
 from hnseg_infer.errors import InputError, MissingPetError, OutputError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.io.header import check_header, read_header, read_voxels
+from hnseg_infer.io.plausibility import check_ct, check_pet, pet_within
 from hnseg_infer.labels import LABEL_VALUES
 
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii", ".nii.gz", ".nrrd", ".tif", ".tiff")
@@ -25,6 +27,7 @@ FILL_VALUE = {"ct": -1024.0, "pet": 0.0}
 # FDG PET stored in Bq/mL has tissue values in the thousands; SUV images rarely exceed ~100 even in the bladder.
 BQML_P999_THRESHOLD = 300.0
 MIN_OVERLAP_FRACTION_WARN = 0.5
+PET_FIELD_RATIO = 8
 
 
 def is_image_file(path: Path) -> bool:
@@ -44,10 +47,17 @@ def find_single_image(folder: Path, role: str) -> Path:
     def missing(message: str) -> InputError:
         return MissingPetError(message, folder=folder) if role == "pet" else InputError(message)
 
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{role.upper()} folder {folder} is a file, not a folder: put the image inside a folder "
+                         f"{folder.name}/")
     if not folder.is_dir():
         raise missing(f"{role.upper()} folder {folder} does not exist: put exactly one {role.upper()} image "
                       f"({', '.join(IMAGE_SUFFIXES)}) there")
-    files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    try:
+        files = sorted(p for p in folder.iterdir() if is_image_file(p))
+    except PermissionError as exc:
+        raise InputError(f"{role.upper()} folder {folder} cannot be listed by this user ({exc.strerror}): make it "
+                         f"readable (chmod a+rx)") from exc
     if not files:
         raise missing(f"no {role.upper()} image in {folder}: expected exactly one file ending in "
                       f"{', '.join(IMAGE_SUFFIXES)}")
@@ -60,6 +70,9 @@ def find_single_image(folder: Path, role: str) -> Path:
 def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
     """(ct_path, pet_path) from a grand-challenge input folder: INPUT/images/ct/* and INPUT/images/pet/*."""
     input_dir = Path(input_dir)
+    if input_dir.exists() and not input_dir.is_dir():
+        raise InputError(f"input folder {input_dir} is a file, not a folder: pass --input DIR holding images/ct "
+                         f"and images/pet")
     if not input_dir.is_dir():
         raise InputError(f"input folder {input_dir} does not exist: pass --input DIR holding images/ct and images/pet")
     if not any(input_dir.iterdir()):
@@ -69,35 +82,18 @@ def discover_inputs(input_dir: Path) -> tuple[Path, Path]:
 
 
 def read_image(path: Path, role: str) -> sitk.Image:
-    """Read a 3-D scalar image; InputError with the file name for anything else.
-    Integer images keep their type (an int16 whole-body CT is half the memory of float32); floats become float32."""
+    """Read a 3-D scalar image, its header validated before the voxels are read (io/header.py); InputError with
+    the file name for anything else. Integer images keep their type (an int16 whole-body CT is half the memory of
+    float32); floats become float32."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{role.upper()} image {path} does not exist")
-    if path.stat().st_size == 0:
-        raise InputError(f"{role.upper()} image {path} is an empty file (0 bytes): re-export the image")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reader error"
-        raise InputError(f"{role.upper()} image {path} cannot be read as a medical image ({first_line[:200]}): "
-                         f"provide a valid .mha, .nii(.gz) or .nrrd file") from exc
-    return check_image(image, role, path)
+    reader = read_header(path, role)
+    return check_image(read_voxels(reader, path, role), role, path)
 
 
 def check_image(image: sitk.Image, role: str, path: Path) -> sitk.Image:
-    """A 3-D scalar volume with positive spacing (`path` names it in messages); float64 becomes float32."""
-    if image.GetDimension() != 3:
-        raise InputError(f"{role.upper()} image {path} has {image.GetDimension()} dimensions (size "
-                         f"{list(image.GetSize())}): expected a 3-D volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{role.upper()} image {path} has {image.GetNumberOfComponentsPerPixel()} components per "
-                         f"voxel: expected a scalar (grey-value) volume")
-    if min(image.GetSize()) < 2:
-        raise InputError(f"{role.upper()} image {path} has size {list(image.GetSize())}: a 3-D volume needs at "
-                         f"least 2 voxels along every axis")
-    if min(image.GetSpacing()) <= 0:
-        raise InputError(f"{role.upper()} image {path} has non-positive spacing {list(image.GetSpacing())} mm")
+    """A 3-D scalar volume of sane geometry (`check_header`; `path` names it in messages); float64 becomes
+    float32. Every reader (files, in-memory images, DICOM series) ends here."""
+    check_header(image, role, path)
     if image.GetPixelID() == sitk.sitkFloat64:
         image = sitk.Cast(image, sitk.sitkFloat32)
     return image
@@ -154,12 +150,18 @@ class PetUnit:
         return out if self.dicom_tags is None else {**out, "dicom_tags": self.dicom_tags}
 
 
-def detect_pet_unit(pet: sitk.Image) -> PetUnit:
+def detect_pet_unit(pet: sitk.Image, ct_grid: Grid | None = None) -> PetUnit:
     """SUV or Bq/mL, from the 99.9th percentile of uptake.
 
+    With `ct_grid`, a PET field much larger than the CT's (less than 1/PET_FIELD_RATIO of its voxels inside the
+    CT's field) is measured inside the CT's field only: its mostly empty background would pull the percentile
+    to zero. Other pairs are measured over the whole PET, as before (the committed masks depend on it).
     For Bq/mL the injected dose and weight are not in the image, so SUV is estimated by taking the median
     uptake inside the body (voxels above 5 % of the 99.9th percentile) as SUV 1; the report says so."""
     values = sitk.GetArrayViewFromImage(pet)
+    if ct_grid is not None:
+        within = pet_within(pet, ct_grid)
+        values = within if within.size * PET_FIELD_RATIO < values.size else values
     p999 = float(np.percentile(values, 99.9))
     if p999 <= BQML_P999_THRESHOLD:
         return PetUnit("suv", 1.0, p999, "values look like SUV (99.9th percentile <= "
@@ -223,29 +225,20 @@ def load_case(ct: "Path | str | sitk.Image", pet: "Path | str | sitk.Image | Non
     warnings: list[str] = []
     ct, ct_path, ct_dicom = _image(ct, "ct", ct_series)
     ct = repair_nonfinite(ct, role="ct", path=ct_path, warnings=warnings)
+    ct = check_ct(ct, ct_path, warnings)
     if pet is None:
-        _check_ct_not_constant(ct, ct_path)
         return Case(ct, None, ct_path, None, None, warnings, ct_dicom=ct_dicom)
     pet, pet_path, pet_dicom = _image(pet, "pet", pet_series)
     pet = repair_nonfinite(pet, role="pet", path=pet_path, warnings=warnings)
     check_overlap(Grid.of(ct), Grid.of(pet), ct_path=ct_path, pet_path=pet_path, warnings=warnings)
-    _check_ct_not_constant(ct, ct_path)
+    check_pet(pet, ct, pet_path)
     if pet_dicom is not None:
         from hnseg_infer.io.dicom import dicom_pet_unit
 
         pet, pet_unit = dicom_pet_unit(pet, pet_dicom, warnings)
     else:
-        pet_unit = detect_pet_unit(pet)
-    if pet_unit.p999 <= 0:
-        raise InputError(f"PET {pet_path} has no positive uptake (99.9th percentile {pet_unit.p999}): "
-                         f"expected an FDG PET in SUV or Bq/mL")
+        pet_unit = detect_pet_unit(pet, Grid.of(ct))
     return Case(ct, pet, ct_path, pet_path, pet_unit, warnings, ct_dicom=ct_dicom, pet_dicom=pet_dicom)
-
-
-def _check_ct_not_constant(ct: sitk.Image, ct_path: Path) -> None:
-    ct_coarse = sitk.GetArrayViewFromImage(ct)[::4, ::4, ::4]  # a constant (blank) CT shows on any sub-lattice
-    if ct_coarse.min() == ct_coarse.max():
-        raise InputError(f"CT {ct_path} is constant ({ct_coarse.min()}): expected a CT in HU")
 
 
 def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:

@@ -8,6 +8,7 @@ strict: unknown keys, missing files and bad values are RecipeErrors naming the f
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -36,6 +37,7 @@ from hnseg_infer.uncertainty.config import UncertaintyConfig, check_stage, parse
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.json"
+SKIP_HASH_CHECK_ENV = "HNSEG_SKIP_HASH_CHECK"  # "1": model files need not match the sha256 their recipe records
 ORIENTATIONS, INTERPOLATIONS, RESAMPLINGS = values(Orientation), values(Interpolation), values(Resampling)
 FOLD_AVERAGES, GRID_SPACINGS = values(FoldAverage), values(GridSpacing)
 RESTORES, TILINGS = values(Restore), values(Tiling)
@@ -175,8 +177,10 @@ class ModelSpec:
                "channels": [c.to_json() for c in self.channels], "head": self.head.to_json(),
                "fold_average": self.fold_average, **self.tiling.to_json(), "weight": self.weight,
                "provenance": thaw(self.provenance)}
+        out["sha256"] = list(self.sha256)  # verified on load: the files are the ones exported
         if self.stochastic_files:
             out["stochastic_files"] = [str(f.relative_to(folder)) for f in self.stochastic_files]
+            out["stochastic_sha256"] = list(self.stochastic_sha256)
         return out
 
 
@@ -342,7 +346,8 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     """One recipe model entry, validated (`where` names it in messages; `folder` holds its files)."""
     keys = ("name", "files", "spacing_xyz_mm", "orientation", "patch_size_zyx", "channels", "head", "fold_average",
             "step_fraction", "mirror_axes_zyx", "tile_batch", "gaussian", "weight", "transpose_forward", "provenance",
-            "tiling", "overlap", "grid_spacing", "stochastic_files", "resampling", "pet_to_ct")
+            "tiling", "overlap", "grid_spacing", "stochastic_files", "resampling", "pet_to_ct", "sha256",
+            "stochastic_sha256")
     r = _Reader(obj, where)
     name = r.take("name", kind=str)
     where = f"{where} ({name})"
@@ -386,6 +391,9 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
     stochastic = parse_stochastic_files(r.take("stochastic_files", default=[]), n_files=len(files), where=where,
                                         folder=folder)
     resampling, pet_to_ct = _resampling(r, where, orientation)
+    sha256 = _verified_sha256(files, r.take("sha256", default=None), where, "sha256")
+    stochastic_sha256 = _verified_sha256(stochastic, r.take("stochastic_sha256", default=None), where,
+                                         "stochastic_sha256")
     r.done(keys)
     grid = GridSpec(spacing, Orientation(orientation), GridSpacing(grid_spacing), transpose, Resampling(resampling),
                     Interpolation(pet_to_ct))
@@ -393,10 +401,29 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
         tiling = MonaiTiling(patch, overlap, tile_batch, gaussian, mirror)
     else:
         tiling = NnunetTiling(patch, step, tile_batch, gaussian, mirror)
-    return ModelSpec(name=name, files=files, sha256=tuple(file_sha256(f) for f in files), grid=grid,
+    return ModelSpec(name=name, files=files, sha256=sha256, grid=grid,
                      channels=channels, head=head, tiling=tiling, fold_average=FoldAverage(fold_average),
                      weight=weight, provenance=provenance, stochastic_files=stochastic,
-                     stochastic_sha256=tuple(file_sha256(f) for f in stochastic))
+                     stochastic_sha256=stochastic_sha256)
+
+
+def _verified_sha256(files: tuple[Path, ...], recorded, where: str, key: str) -> tuple[str, ...]:
+    """Each file's sha256, checked against the one the recipe recorded at export (when it records them): a model
+    file replaced by another of the same signature would otherwise run silently. HNSEG_SKIP_HASH_CHECK=1 skips the
+    comparison for weights edited on purpose (the hashes are still computed and reported)."""
+    actual = tuple(file_sha256(f) for f in files)
+    if recorded is None:
+        return actual
+    if not (isinstance(recorded, list) and len(recorded) == len(files) and all(isinstance(h, str) for h in recorded)):
+        raise RecipeError(f"{where}: '{key}' must list one sha256 (hex string) per model file, got {recorded!r}")
+    if os.environ.get(SKIP_HASH_CHECK_ENV) == "1":
+        return actual
+    for path, want, got in zip(files, recorded, actual):
+        if want.lower() != got:
+            raise RecipeError(f"{where}: model file {path} has sha256 {got[:16]}... but the recipe records "
+                              f"{want[:16]}... (written at export): the file was replaced or changed; re-export the "
+                              f"weights, or set {SKIP_HASH_CHECK_ENV}=1 if you changed them on purpose")
+    return actual
 
 
 def _resampling(r: _Reader, where: str, orientation: str) -> tuple[str, str]:
