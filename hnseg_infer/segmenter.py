@@ -22,6 +22,7 @@ from hnseg_infer.channels.build import build_input, harmonisation_notes, model_g
 from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed, load_clicks
 from hnseg_infer.errors import InputError, MissingPetError, RecipeError
 from hnseg_infer.geometry.grid import Box
+from hnseg_infer.inference.backend import describe
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
 from hnseg_infer.io.sidecar import crop_record
@@ -70,21 +71,22 @@ class Prediction:
 class Segmenter:
     """A recipe with its models loaded: `predict` runs it on one case after another without reloading anything."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "auto"):
+    def __init__(self, recipe: Recipe, *, device: str = "auto", backend: str = "auto"):
         """Create every model's sessions (validated against the recipe) and choose each stage's ensembling and the
-        last stage's restore strategy, once."""
+        last stage's restore strategy, once. `backend`: "auto" (OpenVINO on the CPU where it runs the model, else
+        onnxruntime), "onnxruntime" or "openvino" (inference/backend.py)."""
         start = time.perf_counter()
-        self.recipe, self.device = recipe, device
-        self.models = {spec.name: LoadedModel.load(spec, device=device) for spec in recipe.models}
+        self.recipe, self.device, self.backend = recipe, device, backend
+        self.models = {spec.name: LoadedModel.load(spec, device=device, backend=backend) for spec in recipe.models}
         self.load_s = time.perf_counter() - start
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
 
     @classmethod
-    def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
+    def from_weights(cls, weights: str | Path, *, device: str = "auto", backend: str = "auto") -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
-        return cls(load_recipe(resolve_weights(Path(weights))), device=device)
+        return cls(load_recipe(resolve_weights(Path(weights))), device=device, backend=backend)
 
     @property
     def provider(self) -> str:
@@ -170,6 +172,7 @@ class Segmenter:
             report.add_stage_time("load_models", self.load_s)
             self._load_reported = True
         report.set("provider", self.provider)
+        report.set("backend", {name: describe(model.folds[0]) for name, model in self.models.items()})
         for line in dict.fromkeys(line for model in self.models.values() for line in model.fallbacks):
             report.fallback(line)
 
