@@ -60,14 +60,14 @@ class OpenVinoModel:
 
     `patch_zyx` and `tile_batch` (the recipe's tiling) choose the performance hint and, when given, compile the
     first shape at once, so a model that does not compile is known at load time. `precision` "f32" (default) or
-    "bf16" (only on request)."""
+    "bf16" (only on request). `performance_hint` "LATENCY" or "THROUGHPUT" overrides the plan (benchmarks)."""
 
     backend = "openvino"
     engine = None  # no TensorRT engine on this backend
     max_batch = None
 
     def __init__(self, path: Path, *, patch_zyx=None, tile_batch: int = 1, precision: str = "f32",
-                 threads: int | None = None, sha256: str | None = None):
+                 threads: int | None = None, sha256: str | None = None, performance_hint: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found: check the recipe's 'files' and the weights folder")
@@ -82,6 +82,9 @@ class OpenVinoModel:
             raise BackendRefused(f"{self.path}: OpenVINO cannot read it ({_first_line(error)})") from error
         self._read_signature()
         self.performance_hint, self.infer_requests = plan_hint(patch_zyx or self.patch_zyx or (1, 1, 1), tile_batch)
+        if performance_hint is not None:  # the benchmark's override
+            self.performance_hint = performance_hint
+            self.infer_requests = THROUGHPUT_REQUESTS if performance_hint == "THROUGHPUT" else 1
         self._compiled: dict[tuple[int, ...], tuple[ov.CompiledModel, ov.AsyncInferQueue]] = {}
         if patch_zyx is not None and self.n_input_channels is not None and self.patch_zyx in (None, tuple(patch_zyx)):
             self._queue(self._request_batch(tile_batch), tuple(patch_zyx))  # compile now: fail at load, not later
