@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.errors import HnsegError, MissingPetError
-from hnseg_infer.inference.backend import BACKENDS
+from hnseg_infer.inference.backend import BACKENDS, PRECISIONS
 from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
@@ -26,6 +26,8 @@ from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 GC_MODEL_DIR = Path("/opt/ml/model")
 BACKEND_HELP = ("the CPU engine: auto (OpenVINO where installed and the model compiles in f32, else onnxruntime), "
                 "onnxruntime or openvino; CUDA always runs on onnxruntime")
+PRECISION_HELP = ("f32 (default) or bf16: OpenVINO in bf16 where this CPU has it and each model's first tile batch "
+                  "agrees with f32, else f32 with a line in the report")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # beside hnseg_infer/: /opt/app/weights
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
 
@@ -49,7 +51,7 @@ class CaseOutputs:
 
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
-            backend: str = "auto",
+            backend: str = "auto", precision: str = "f32",
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
@@ -57,7 +59,7 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
     report = RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
     try:
-        segmenter = Segmenter.from_weights(weights, device=device, backend=backend)
+        segmenter = Segmenter.from_weights(weights, device=device, backend=backend, precision=precision)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
         return _finish(report, outputs.report, exc, debug=debug)
     return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
@@ -165,6 +167,8 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
     parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("HNSEG_BACKEND", "auto"),
                         help=BACKEND_HELP)
+    parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("HNSEG_PRECISION", "f32"),
+                        help=PRECISION_HELP)
     parser.add_argument("--qc", type=Path, default=_env_path("HNSEG_QC", None),
                         help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
     parser.add_argument("--sidecar", type=Path, default=_env_path("HNSEG_SIDECAR", None),
@@ -186,7 +190,8 @@ def container_main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
                    out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
-                   device=args.device, backend=args.backend, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
+                   device=args.device, backend=args.backend, precision=args.precision, debug=args.debug,
+                   qc_png=args.qc, sidecar=args.sidecar,
                    uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
 
 
@@ -201,7 +206,8 @@ def _batch(args) -> int:
         print(f"hnseg: error: no case folders in {args.input}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        segmenter = Segmenter.from_weights(args.weights, device=args.device, backend=args.backend)
+        segmenter = Segmenter.from_weights(args.weights, device=args.device, backend=args.backend,
+                                           precision=args.precision)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     common.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    common.add_argument("--precision", choices=PRECISIONS, default="f32", help=PRECISION_HELP)
     common.add_argument("--debug", action="store_true")
     common.add_argument("--ct-only", action="store_true",
                         help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("predict", "refine"):
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,
-                       device=args.device, backend=args.backend, debug=args.debug, qc_png=args.qc,
+                       device=args.device, backend=args.backend, precision=args.precision, debug=args.debug,
+                       qc_png=args.qc,
                        sidecar=getattr(args, "sidecar", None),
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
                        uncertainty_seed=args.uncertainty_seed)

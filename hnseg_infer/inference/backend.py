@@ -18,6 +18,7 @@ from hnseg_infer.inference.onnx_engine import CUDA, DEVICES, TENSORRT, OnnxModel
 from hnseg_infer.inference.stochastic import StochasticModel
 
 BACKENDS = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")  # what the CPU computes in: bf16 only on request, on OpenVINO
 
 
 class BackendRefused(ModelError):
@@ -32,11 +33,15 @@ def runs_on_cpu(device: str) -> bool:
 
 
 def open_model(path: Path, *, device: str, backend: str = "auto", sha256: str | None = None, patch_zyx=None,
-               tile_batch: int = 1, stochastic: bool = False, threads: int | None = None):
+               tile_batch: int = 1, stochastic: bool = False, threads: int | None = None, precision: str = "f32",
+               head: str = "softmax"):
     """The engine for one model file (a stochastic twin with `stochastic`), chosen as the module says; `patch_zyx`
-    and `tile_batch` (the recipe's tiling) let OpenVINO compile at load and choose its performance hint."""
+    and `tile_batch` (the recipe's tiling) let OpenVINO compile at load and choose its performance hint.
+    `precision` "bf16" asks OpenVINO for bf16, proven against f32 on the first batch (`head`: the recipe's)."""
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     cpu = runs_on_cpu(device)
     if backend == "openvino" and device == "cuda":
         raise ModelError("backend 'openvino' runs on the CPU only: use --device cpu (or auto), or --backend "
@@ -47,7 +52,8 @@ def open_model(path: Path, *, device: str, backend: str = "auto", sha256: str | 
                     f"computes int64 in int32, which would change its dropout masks")
     elif backend == "openvino" or (backend == "auto" and cpu):
         try:
-            return _openvino(path, patch_zyx=patch_zyx, tile_batch=tile_batch, threads=threads)
+            return _openvino(path, patch_zyx=patch_zyx, tile_batch=tile_batch, threads=threads,
+                             precision=precision, head=head)
         except (ImportError, ModelError) as error:
             if backend == "openvino" or not isinstance(error, (ImportError, BackendRefused)):
                 raise _forced(error, path) if isinstance(error, ImportError) else error
@@ -56,6 +62,9 @@ def open_model(path: Path, *, device: str, backend: str = "auto", sha256: str | 
     model = engine(path, device=device, sha256=sha256, threads=threads)
     if fallback:
         model.fallbacks.insert(0, fallback)
+    if precision != "f32":
+        model.fallbacks.append(f"{precision} asked for {Path(path).name} but onnxruntime runs it in the model "
+                               f"file's precision")
     return model
 
 
@@ -63,16 +72,17 @@ def describe(model) -> dict:
     """The report's record of one engine: backend, its version, the precision it computes in (onnxruntime: the
     model file's own, or TensorRT's fp16), and OpenVINO's performance hint."""
     if getattr(model, "backend", "onnxruntime") == "openvino":
-        return {"backend": "openvino", "version": model.backend_version, "precision": model.precision,
-                "performance_hint": model.performance_hint, "infer_requests": model.infer_requests}
+        record = {"backend": "openvino", "version": model.backend_version, "precision": model.precision,
+                  "performance_hint": model.performance_hint, "infer_requests": model.infer_requests}
+        return record | ({"bf16_proof": model.bf16_proof} if model.bf16_proof else {})
     return {"backend": "onnxruntime", "version": ort.__version__, "provider": model.provider,
             "precision": "f16 (TensorRT)" if model.provider == TENSORRT else "the model file's"}
 
 
-def _openvino(path, *, patch_zyx, tile_batch, threads):
+def _openvino(path, **options):
     from hnseg_infer.inference.openvino_engine import OpenVinoModel  # lazy: the package is optional
 
-    return OpenVinoModel(path, patch_zyx=patch_zyx, tile_batch=tile_batch, threads=threads)
+    return OpenVinoModel(path, **options)
 
 
 def _forced(error: ImportError, path) -> ModelError:

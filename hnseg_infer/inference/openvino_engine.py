@@ -6,7 +6,9 @@ Why it exists: on the 2-core development CPU it ran the demo's models in 0.4–0
 
 - **Precision.** On a CPU with bf16 instructions OpenVINO computes in bf16 by default, which moves logits by up to
   0.2. hnseg sets `INFERENCE_PRECISION_HINT` to f32 and reads it back from the compiled model; any other precision
-  is refused (`BackendRefused`) unless bf16 was asked for.
+  is refused (`BackendRefused`). bf16 runs only when asked for, and only after its first tile batch agrees with
+  f32 on this machine by the fp16 rule (inference/agreement.py); else, or where the CPU compiles f32 anyway, the
+  model runs in f32 with a fallback line.
 - **Shapes and parallelism.** Each tile batch shape is compiled static (once, then cached). Small tiles (at most
   64³ voxels) in batches of two or more run one tile per infer request, `THROUGHPUT_REQUESTS` requests at once under
   the THROUGHPUT hint; anything else runs the whole tile batch as one request under the LATENCY hint.
@@ -28,10 +30,10 @@ import numpy as np
 import openvino as ov
 
 from hnseg_infer.errors import ModelError
-from hnseg_infer.inference.backend import BackendRefused
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
+from hnseg_infer.inference.backend import PRECISIONS, BackendRefused
 
 PROVIDER = "OpenVINO CPU"
-PRECISIONS = ("f32", "bf16")
 SMALL_TILE_VOXELS = 64**3  # at most this many voxels per tile: THROUGHPUT with one tile per request
 THROUGHPUT_REQUESTS = 2
 _INPUT_DTYPES = {"f32": np.float32, "f16": np.float16}
@@ -60,14 +62,16 @@ class OpenVinoModel:
 
     `patch_zyx` and `tile_batch` (the recipe's tiling) choose the performance hint and, when given, compile the
     first shape at once, so a model that does not compile is known at load time. `precision` "f32" (default) or
-    "bf16" (only on request). `performance_hint` "LATENCY" or "THROUGHPUT" overrides the plan (benchmarks)."""
+    "bf16" (on request, proven on the first batch; `head` is the recipe's, for that proof). `performance_hint`
+    "LATENCY" or "THROUGHPUT" overrides the plan (benchmarks)."""
 
     backend = "openvino"
     engine = None  # no TensorRT engine on this backend
     max_batch = None
 
     def __init__(self, path: Path, *, patch_zyx=None, tile_batch: int = 1, precision: str = "f32",
-                 threads: int | None = None, sha256: str | None = None, performance_hint: str | None = None):
+                 head: str = "softmax", threads: int | None = None, sha256: str | None = None,
+                 performance_hint: str | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found: check the recipe's 'files' and the weights folder")
@@ -75,6 +79,7 @@ class OpenVinoModel:
             raise ModelError(f"unknown OpenVINO precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.provider, self.backend_version, self.precision = PROVIDER, version(), precision
         self.fallbacks: list[str] = []
+        self.head, self.bf16_proof = head, None  # bf16_proof: the first batch's comparison with f32
         self.threads = threads or os.cpu_count() or 1
         try:
             self._model = core().read_model(str(self.path))
@@ -93,7 +98,10 @@ class OpenVinoModel:
         """float32 logits [N, K, z, y, x] for a [N, C, z, y, x] batch."""
         batch = np.asarray(batch_nczyx)
         self._check_batch(batch.shape)
-        return self._run(np.ascontiguousarray(batch, dtype=self._input_dtype))
+        batch = np.ascontiguousarray(batch, dtype=self._input_dtype)
+        if self.precision == "bf16" and self.bf16_proof is None:
+            return self._prove_bf16(batch)
+        return self._run(batch, self.precision)
 
     def __repr__(self) -> str:
         return f"OpenVinoModel({self.path.name!r} on {PROVIDER} {self.backend_version}, {self.precision})"
@@ -136,38 +144,59 @@ class OpenVinoModel:
         """Items per infer request: the model's fixed batch, one tile under THROUGHPUT, else the whole batch."""
         return self.fixed_batch or (1 if self.performance_hint == "THROUGHPUT" else n)
 
-    def _queue(self, batch: int, patch_zyx: tuple[int, ...], channels: int | None = None):
-        """The compiled model and its infer requests for one static shape, compiled on first use."""
-        channels = channels or self.n_input_channels
-        key = (batch, channels, *patch_zyx)
+    def _queue(self, batch: int, patch_zyx: tuple[int, ...], channels: int | None = None, precision: str = ""):
+        """The compiled model and its infer requests for one static shape and precision, compiled on first use."""
+        channels, precision = channels or self.n_input_channels, precision or self.precision
+        key = (precision, batch, channels, *patch_zyx)
         if key not in self._compiled:
-            self._compiled[key] = self._compile([batch, channels, *patch_zyx])
+            compiled = self._compile([batch, channels, *patch_zyx], precision)
+            obtained = compiled_precision(compiled)
+            if obtained == "f32" and precision == "bf16":  # a CPU without bf16 instructions
+                self._drop_bf16("OpenVINO compiled it in f32 on this CPU")
+                return self._queue(batch, patch_zyx, channels)
+            if obtained != precision:
+                raise BackendRefused(f"{self.path}: OpenVINO compiled it in {obtained} where {precision} was asked "
+                                     f"for")
+            self._compiled[key] = compiled, ov.AsyncInferQueue(compiled, self.infer_requests)
         return self._compiled[key]
 
-    def _compile(self, shape_nczyx: list[int]) -> tuple[ov.CompiledModel, ov.AsyncInferQueue]:
+    def _prove_bf16(self, batch_nczyx: np.ndarray) -> np.ndarray:
+        """The first batch in bf16 and in f32: bf16 is kept if the two agree by the fp16 rule; the f32 logits are
+        returned either way."""
+        fast = self._run(batch_nczyx, "bf16")
+        if self.precision != "bf16":  # refused while compiling
+            return self._run(batch_nczyx, "f32")
+        exact = self._run(batch_nczyx, "f32")
+        self.bf16_proof = compare_logits(exact, fast, head=self.head, tolerance=TOLERANCE_FP16,
+                                         min_agreement=MIN_AGREEMENT_FP16)
+        if not self.bf16_proof["passed"]:
+            self._drop_bf16(f"its first tile batch in bf16 disagrees with f32 (max |Δlogit| "
+                            f"{self.bf16_proof['max_abs_logit_diff']:.3g}, agreement {self.bf16_proof['agreement']:.5f})")
+        return exact
+
+    def _drop_bf16(self, why: str) -> None:
+        self.precision = "f32"
+        self.fallbacks.append(f"bf16 asked for {self.path.name} but {why}: running f32")
+
+    def _compile(self, shape_nczyx: list[int], precision: str) -> ov.CompiledModel:
         model = self._model.clone()
-        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": self.performance_hint,
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": self.performance_hint,
                   "INFERENCE_NUM_THREADS": self.threads}
         if self.performance_hint == "THROUGHPUT":
             config["NUM_STREAMS"] = self.infer_requests
         try:
             model.reshape({self._input_name: ov.PartialShape(shape_nczyx)})
-            compiled = core().compile_model(model, "CPU", config)
+            return core().compile_model(model, "CPU", config)
         except RuntimeError as error:
             raise BackendRefused(f"{self.path}: OpenVINO cannot compile it for shape {shape_nczyx} "
-                                  f"({_first_line(error)})") from error
-        obtained = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if obtained != self.precision:
-            raise BackendRefused(f"{self.path}: OpenVINO compiled it in {obtained} where {self.precision} was asked "
-                                  f"for")
-        return compiled, ov.AsyncInferQueue(compiled, self.infer_requests)
+                                 f"({_first_line(error)})") from error
 
-    def _run(self, batch_nczyx: np.ndarray) -> np.ndarray:
+    def _run(self, batch_nczyx: np.ndarray, precision: str) -> np.ndarray:
         """Run the batch in chunks of the request batch over the infer requests, the last chunk of a fixed-batch
         model zero-filled (its extra items dropped)."""
         n = len(batch_nczyx)
         batch = self._request_batch(n)
-        _, queue = self._queue(batch, batch_nczyx.shape[2:], batch_nczyx.shape[1])
+        _, queue = self._queue(batch, batch_nczyx.shape[2:], batch_nczyx.shape[1], precision)
         results: list = [None] * -(-n // batch)
 
         def keep(request, index):
@@ -179,11 +208,16 @@ class OpenVinoModel:
                 queue.start_async({self._input_name: _padded(batch_nczyx[first:first + batch], batch)}, index)
             queue.wait_all()
         except RuntimeError as error:
-            raise ModelError(f"{self.path}: OpenVINO failed on a batch of shape {batch_nczyx.shape} ({_first_line(error)}): "
-                             f"if it ran out of memory lower the recipe's tile_batch, or run with --backend "
-                             f"onnxruntime") from error
+            raise ModelError(f"{self.path}: OpenVINO failed on a batch of shape {batch_nczyx.shape} "
+                             f"({_first_line(error)}): if it ran out of memory lower the recipe's tile_batch, or run "
+                             f"with --backend onnxruntime") from error
         logits = results[0] if len(results) == 1 else np.concatenate(results)
         return logits[:n].astype(np.float32, copy=False)
+
+
+def compiled_precision(compiled: ov.CompiledModel) -> str:
+    """The precision the compiled model computes in, as OpenVINO reports it ("f32", "bf16", "f16")."""
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def _name(port) -> str:

@@ -47,18 +47,20 @@ class LoadedModel:
     folds: tuple[OnnxModel, ...]
     _stochastic: tuple[StochasticModel, ...] | None = field(default=None, repr=False)
     backend: str = "auto"
+    precision: str = "f32"
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str, backend: str = "auto") -> "LoadedModel":
+    def load(cls, spec: ModelSpec, *, device: str, backend: str = "auto", precision: str = "f32") -> "LoadedModel":
         """One engine per fold file (the recipe's hash: an engine's stamp is checked on it)."""
-        folds = tuple(_checked(cls._open(spec, path, sha256, device=device, backend=backend), spec)
-                      for path, sha256 in zip(spec.files, spec.sha256))
-        return cls(spec, device, folds, backend=backend)
+        model = cls(spec, device, (), backend=backend, precision=precision)
+        model.folds = tuple(_checked(model._open(path, sha256), spec) for path, sha256 in zip(spec.files, spec.sha256))
+        return model
 
-    @staticmethod
-    def _open(spec: ModelSpec, path, sha256, *, device: str, backend: str, stochastic: bool = False):
-        return open_model(path, device=device, backend=backend, sha256=sha256, stochastic=stochastic,
-                          patch_zyx=spec.tiling.patch_size_zyx, tile_batch=spec.tiling.tile_batch)
+    def _open(self, path, sha256, *, stochastic: bool = False):
+        spec = self.spec
+        return open_model(path, device=self.device, backend=self.backend, sha256=sha256, stochastic=stochastic,
+                          patch_zyx=spec.tiling.patch_size_zyx, tile_batch=spec.tiling.tile_batch,
+                          precision="f32" if stochastic else self.precision, head=spec.head.type)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -69,8 +71,7 @@ class LoadedModel:
         """The folds' stochastic twins (Monte-Carlo dropout), opened on first use and kept."""
         if self._stochastic is None:
             self._stochastic = tuple(
-                _checked(self._open(self.spec, path, digest, device=self.device, backend=self.backend,
-                                    stochastic=True), self.spec, twin=True)
+                _checked(self._open(path, digest, stochastic=True), self.spec, twin=True)
                 for path, digest in zip(self.spec.stochastic_files, self.spec.stochastic_sha256))
         return self._stochastic
 

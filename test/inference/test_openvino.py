@@ -70,23 +70,7 @@ def test_precision_is_f32_read_back_and_reported(models):
 def test_another_precision_is_refused(models, monkeypatch):
     """A compiled model that reports bf16 where f32 was asked for (OpenVINO's default on CPUs with bf16) is
     refused; under "auto" onnxruntime runs the model instead, with a line naming the precision."""
-    import openvino as ov
-
-    real_compile = ov.Core.compile_model
-
-    class Reporting:
-        def __init__(self, compiled):
-            self.compiled = compiled
-
-        def get_property(self, name):
-            return ov.Type.bf16 if name == "INFERENCE_PRECISION_HINT" else self.compiled.get_property(name)
-
-    class Core:
-        def compile_model(self, *args, **kwargs):
-            return Reporting(real_compile(ov.Core(), *args, **kwargs))
-
-    monkeypatch.setattr(openvino_engine, "core", lambda: type("C", (), {"read_model": ov.Core().read_model,
-                                                                        "compile_model": Core().compile_model})())
+    monkeypatch.setattr(openvino_engine, "compiled_precision", lambda compiled: "bf16")
     with pytest.raises(BackendRefused, match=r"conv\.onnx: OpenVINO compiled it in bf16 where f32 was asked for"):
         OpenVinoModel(models["conv"], patch_zyx=(6, 5, 4))
     model = open_model(models["conv"], device="cpu", patch_zyx=(6, 5, 4))
@@ -94,6 +78,51 @@ def test_another_precision_is_refused(models, monkeypatch):
     assert "OpenVINO not used for conv.onnx" in model.fallbacks[0] and "bf16" in model.fallbacks[0]
     with pytest.raises(BackendRefused, match="bf16"):
         open_model(models["conv"], device="cpu", backend="openvino", patch_zyx=(6, 5, 4))
+
+
+def test_bf16_on_a_cpu_without_it_runs_f32_and_says_so(models):
+    if "BF16" in openvino_engine.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU computes bf16: the proof is tested below")
+    model = open_model(models["conv"], device="cpu", precision="bf16", patch_zyx=(6, 5, 4), tile_batch=2)
+    assert model.precision == "f32" and model.fallbacks == [
+        "bf16 asked for conv.onnx but OpenVINO compiled it in f32 on this CPU: running f32"]
+    np.testing.assert_allclose(model(_tiles(2)), OnnxModel(models["conv"], device="cpu")(_tiles(2)), atol=1e-4)
+    ort = open_model(models["conv"], device="cpu", backend="onnxruntime", precision="bf16")
+    assert "bf16 asked for conv.onnx but onnxruntime runs it in the model file's precision" in ort.fallbacks
+
+
+@pytest.mark.parametrize("bf16_error", [0.0, 1.0])
+def test_bf16_is_kept_only_if_its_first_batch_agrees_with_f32(models, monkeypatch, bf16_error):
+    """As on a CPU with bf16 (the compile reports what was asked for): the first batch runs in both precisions;
+    within the fp16 rule bf16 is kept, with its proof in the report; beyond it, f32 with a line giving the figures,
+    and the first batch's logits are f32's either way."""
+    asked = []
+    real_compile, real_run = OpenVinoModel._compile, OpenVinoModel._run
+
+    def compile_noting(self, shape, precision):
+        asked.append(precision)  # reported back as obtained; computed in this CPU's own f32
+        return real_compile(self, shape, "f32")
+
+    def run_perturbed(self, batch, precision):
+        logits = real_run(self, batch, precision)
+        return logits + np.float32(bf16_error) * (precision == "bf16") * np.sign(logits)
+
+    monkeypatch.setattr(OpenVinoModel, "_compile", compile_noting)
+    monkeypatch.setattr(openvino_engine, "compiled_precision", lambda compiled: asked[-1])
+    monkeypatch.setattr(OpenVinoModel, "_run", run_perturbed)
+    model = OpenVinoModel(models["conv"], patch_zyx=(6, 5, 4), tile_batch=2, precision="bf16")
+    assert model.precision == "bf16" and model.bf16_proof is None
+    tiles = _tiles(2)
+    first = model(tiles)
+    np.testing.assert_allclose(first, OnnxModel(models["conv"], device="cpu")(tiles), atol=1e-4)
+    assert model.bf16_proof["passed"] == (bf16_error == 0.0)
+    record = describe(model)
+    if bf16_error == 0.0:
+        assert model.precision == "bf16" and record["bf16_proof"]["passed"] and model.fallbacks == []
+    else:
+        assert model.precision == "f32" and record["precision"] == "f32"
+        (line,) = model.fallbacks
+        assert line.startswith("bf16 asked for conv.onnx but its first tile batch in bf16 disagrees with f32 (max")
 
 
 @pytest.mark.parametrize("tile_batch", [1, 2, 3])
