@@ -4,7 +4,8 @@ For every model of the recipe: one tile batch of the recipe's patch and tile_bat
 run `--repeats` times by each engine in turn (onnxruntime as hnseg runs it: ORT_ENABLE_ALL, arena off, all cores;
 OpenVINO f32 with the planned hint, and with each hint forced). Printed per engine: the median time, its ratio to
 onnxruntime's measured in the same loop, the load (read + compile) time, and the agreement of the logits with
-onnxruntime's (max |Δlogit|, argmax agreement: inference/agreement.py's rule at the fp32 tolerance).
+onnxruntime's (max |Δlogit|, argmax agreement: inference/agreement.py's rule at the fp32 tolerance). First, the
+import time of each package (a fresh interpreter's, less an empty one's).
 
     .venv/bin/python bench/bench_openvino.py [--weights weights/demo] [--repeats 5]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,12 +62,22 @@ def bench_model(spec, repeats: int) -> None:
               f"{'' if agree['passed'] else '  FAILS the fp32 rule'}")
 
 
+def import_seconds(module: str, repeats: int = 3) -> float:
+    """Median wall time of a fresh interpreter importing `module`, less that of one importing nothing."""
+    def once(code):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - start
+    return statistics.median(once(f"import {module}") - once("pass") for _ in range(repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "demo")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     recipe = load_recipe(resolve_weights(args.weights))
+    print("import: " + ", ".join(f"{m} {import_seconds(m):.2f} s" for m in ("onnxruntime", "openvino")))
     for spec in recipe.models:
         bench_model(spec, args.repeats)
 
