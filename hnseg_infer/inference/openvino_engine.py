@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import openvino as ov
+from openvino.frontend import FrontEndManager, GeneralFailure, OpConversionFailure, OpValidationFailure
 
 from hnseg_infer.errors import ModelError
 from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
@@ -37,6 +38,7 @@ PROVIDER = "OpenVINO CPU"
 SMALL_TILE_VOXELS = 64**3  # at most this many voxels per tile: THROUGHPUT with one tile per request
 THROUGHPUT_REQUESTS = 2
 _INPUT_DTYPES = {"f32": np.float32, "f16": np.float16}
+_FRONTEND_ERRORS = (GeneralFailure, OpConversionFailure, OpValidationFailure)
 
 
 @lru_cache(maxsize=1)
@@ -81,10 +83,7 @@ class OpenVinoModel:
         self.fallbacks: list[str] = []
         self.head, self.bf16_proof = head, None  # bf16_proof: the first batch's comparison with f32
         self.threads = threads or os.cpu_count() or 1
-        try:
-            self._model = core().read_model(str(self.path))
-        except RuntimeError as error:
-            raise BackendRefused(f"{self.path}: OpenVINO cannot read it ({_first_line(error)})") from error
+        self._model = _read_onnx(self.path)
         self._read_signature()
         self.performance_hint, self.infer_requests = plan_hint(patch_zyx or self.patch_zyx or (1, 1, 1), tile_batch)
         if performance_hint is not None:  # the benchmark's override
@@ -213,6 +212,23 @@ class OpenVinoModel:
                              f"with --backend onnxruntime") from error
         logits = results[0] if len(results) == 1 else np.concatenate(results)
         return logits[:n].astype(np.float32, copy=False)
+
+
+def _read_onnx(path: Path) -> ov.Model:
+    """The file through OpenVINO's ONNX frontend alone (read_model would try every frontend, and the TensorFlow one
+    writes to stderr on a file it cannot parse)."""
+    frontend = onnx_frontend()
+    if not frontend.supported(str(path)):
+        raise BackendRefused(f"{path}: OpenVINO cannot read it as ONNX")
+    try:
+        return frontend.convert(frontend.load(str(path)))
+    except (RuntimeError, *_FRONTEND_ERRORS) as error:
+        raise BackendRefused(f"{path}: OpenVINO cannot read it ({_first_line(error)})") from error
+
+
+@lru_cache(maxsize=1)
+def onnx_frontend():
+    return FrontEndManager().load_by_framework("onnx")
 
 
 def compiled_precision(compiled: ov.CompiledModel) -> str:

@@ -203,8 +203,11 @@ def test_errors_name_the_file(models, tmp_path):
         OpenVinoModel(models["conv"], precision="f16")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
-    with pytest.raises(BackendRefused, match=r"corrupt\.onnx: OpenVINO cannot read it"):
-        OpenVinoModel(corrupt)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(2000))
+    for path in (corrupt, garbage):
+        with pytest.raises(BackendRefused, match=rf"{path.stem}\.onnx: OpenVINO cannot read it"):
+            OpenVinoModel(path)
     with pytest.raises(ModelError, match=r"corrupt\.onnx: not a loadable ONNX model"):  # auto: onnxruntime's words
         open_model(corrupt, device="cpu")
 
