@@ -3,7 +3,8 @@ with mirroring off and tiles without overlap on six phantoms, the SUV baseline o
 differ between the OpenVINO and onnxruntime masks, and each against the committed mask, over the voxels either
 labels; and whether every stage's ROI box is the same.
 
-    .venv/bin/python bench/openvino_masks.py [--full-demo]   # --full-demo: the demo recipe as shipped
+    .venv/bin/python bench/openvino_masks.py [--full-demo] [--cases demo-no_head_bqml ...]
+    (--full-demo: the demo recipe as shipped)
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ BACKENDS = ("onnxruntime", "openvino")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-demo", action="store_true", help="the demo recipe as shipped (mirroring, overlap)")
+    parser.add_argument("--cases", nargs="*", default=None, help="only these WEIGHTS-PHANTOM cases (default all)")
     args = parser.parse_args()
+    cases = [c for c in CASES if args.cases is None or f"{c[0]}-{c[1]}" in args.cases]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         folders = {"demo": ROOT / "weights" / "demo" if args.full_demo else fast_demo_weights(tmp / "demo"),
@@ -37,7 +40,7 @@ def main() -> None:
         segmenters = {(w, b): Segmenter.from_weights(folder, device="cpu", backend=b)
                       for w, folder in folders.items() for b in BACKENDS}
         total = {"differ": 0, "labelled": 0}
-        for weights_name, phantom in CASES:
+        for weights_name, phantom in cases:
             ct, pet = write_phantom(phantom, tmp / "cases")
             masks, boxes, seconds = {}, {}, {}
             for backend in BACKENDS:
