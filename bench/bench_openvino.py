@@ -42,13 +42,13 @@ def bench_model(spec, repeats: int) -> None:
     engines = {"onnxruntime": timed(lambda: OnnxModel(path, device="cpu"))}
     engines["openvino (plan)"] = timed(lambda: OpenVinoModel(path, patch_zyx=patch, tile_batch=tile_batch))
     for hint in ("LATENCY", "THROUGHPUT"):
-        engines[f"openvino {hint}"] = timed(lambda: OpenVinoModel(path, patch_zyx=patch, tile_batch=tile_batch,
-                                                                  performance_hint=hint))
+        engines[f"openvino {hint}"] = timed(lambda hint=hint: OpenVinoModel(
+            path, patch_zyx=patch, tile_batch=tile_batch, performance_hint=hint))
     times = {name: [] for name in engines}
     outputs = {name: engine(x) for name, (engine, _) in engines.items()}  # warm-up, and the logits compared
     for _ in range(repeats):
         for name, (engine, _) in engines.items():  # interleaved: each repeat runs every engine once
-            times[name].append(timed(lambda: engine(x))[1])
+            times[name].append(timed(lambda engine=engine: engine(x))[1])
     reference = statistics.median(times["onnxruntime"])
     plan = engines["openvino (plan)"][0]
     print(f"\n{spec.name}: tiles {tile_batch}×{list(patch)}, {len(spec.channels)} channels; plan "

@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -169,8 +169,9 @@ class OpenVinoModel:
         self.bf16_proof = compare_logits(exact, fast, head=self.head, tolerance=TOLERANCE_FP16,
                                          min_agreement=MIN_AGREEMENT_FP16)
         if not self.bf16_proof["passed"]:
+            proof = self.bf16_proof
             self._drop_bf16(f"its first tile batch in bf16 disagrees with f32 (max |Δlogit| "
-                            f"{self.bf16_proof['max_abs_logit_diff']:.3g}, agreement {self.bf16_proof['agreement']:.5f})")
+                            f"{proof['max_abs_logit_diff']:.3g}, agreement {proof['agreement']:.5f})")
         return exact
 
     def _drop_bf16(self, why: str) -> None:

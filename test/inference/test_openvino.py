@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from backend_parity import assert_backends_agree
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnx_models import save_conv_model, save_rank_model, save_voxelwise_model, voxelwise_reference
 
 from hnseg_infer.errors import ModelError
@@ -235,7 +235,7 @@ def test_without_the_package_auto_falls_back_and_forced_is_an_error(models, monk
     real_import = builtins.__import__
 
     def no_openvino(name, *args, **kwargs):
-        if name.startswith("hnseg_infer.inference.openvino_engine") or name.startswith("openvino"):
+        if name.startswith(("hnseg_infer.inference.openvino_engine", "openvino")):
             raise ImportError("No module named 'openvino'")
         return real_import(name, *args, **kwargs)
 
