@@ -1,4 +1,5 @@
-"""Benchmark: nnUNetPredictor (PyTorch, CPU) vs hnseg (onnxruntime, CPU) on the same nnU-Net model folder and case.
+"""Benchmark: nnUNetPredictor (PyTorch, CPU) vs hnseg (CPU: its default backend, OpenVINO, and onnxruntime) on the
+same nnU-Net model folder and case.
 
 Both run end to end from the same image files in a fresh process each (so each peak resident memory is its own):
 nnU-Net:  nnUNetPredictor.initialize_from_trained_model_folder + predict_from_files_sequential (read, crop, normalise,
@@ -65,17 +66,22 @@ def route_nnunet(results: Path, weights: Path, case: list[Path], out: Path) -> P
     return out / "case.mha"
 
 
-def route_hnseg(results: Path, weights: Path, case: list[Path], out: Path) -> Path:
+def route_hnseg(results: Path, weights: Path, case: list[Path], out: Path, backend: str = "auto") -> Path:
     from hnseg_infer.recipe.load import load_recipe
     from hnseg_infer.segmenter import Segmenter
 
-    mask = Segmenter(load_recipe(weights), device="cpu").predict(case[0], case[1]).mask
+    mask = Segmenter(load_recipe(weights), device="cpu", backend=backend).predict(case[0], case[1]).mask
     out.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(mask, str(out / "case.mha"), useCompression=True)
     return out / "case.mha"
 
 
-ROUTES = {"nnunet": route_nnunet, "hnseg": route_hnseg}
+def route_hnseg_onnxruntime(results: Path, weights: Path, case: list[Path], out: Path) -> Path:
+    return route_hnseg(results, weights, case, out, backend="onnxruntime")
+
+
+# "hnseg": the default CPU backend (OpenVINO where installed); "hnseg-ort": onnxruntime, as before OpenVINO
+ROUTES = {"nnunet": route_nnunet, "hnseg": route_hnseg, "hnseg-ort": route_hnseg_onnxruntime}
 
 
 def _child(name, args, queue):
@@ -146,11 +152,11 @@ def main() -> None:
                 wall, rss, path = measure(name, results, weights, case, folder / f"{name}-{repeat}")
                 runs[name].append((wall, rss))
                 masks[name] = sitk.GetArrayFromImage(sitk.ReadImage(path))
-        print(f"{'route':8} {'wall s (median)':>16} {'peak RSS MiB (max)':>19}")
+        print(f"{'route':9} {'wall s (median)':>16} {'peak RSS MiB (max)':>19}")
         summary = {}
         for name, values in runs.items():
             summary[name] = (statistics.median(v[0] for v in values), max(v[1] for v in values))
-            print(f"{name:8} {summary[name][0]:16.1f} {summary[name][1]:19.0f}")
+            print(f"{name:9} {summary[name][0]:16.1f} {summary[name][1]:19.0f}")
         reference, ours = masks["nnunet"], masks["hnseg"]
         dices = {label: dice(ours == label, reference == label) for label in (1, 2)}
         print(f"hnseg / nnU-Net: wall {summary['hnseg'][0] / summary['nnunet'][0]:.2f}x (goal <= 0.5), peak memory "
@@ -158,6 +164,12 @@ def main() -> None:
               f"{dices[1]:.4f}, GTVn {dices[2]:.4f} (nnU-Net voxels {int((reference == 1).sum())}, "
               f"{int((reference == 2).sum())}); voxel agreement {(ours == reference).mean():.5f}; "
               f"{args.repeats} repeat(s), 2 cores")
+        ort = masks["hnseg-ort"]
+        print(f"hnseg (default backend) / hnseg-ort: wall {summary['hnseg'][0] / summary['hnseg-ort'][0]:.2f}x, peak "
+              f"memory {summary['hnseg'][1] / summary['hnseg-ort'][1]:.2f}x; hnseg-ort / nnU-Net: wall "
+              f"{summary['hnseg-ort'][0] / summary['nnunet'][0]:.2f}x; voxel agreement of the two hnseg masks "
+              f"{(ours == ort).mean():.6f}; hnseg-ort Dice vs nnU-Net: GTVp {dice(ort == 1, reference == 1):.4f}, "
+              f"GTVn {dice(ort == 2, reference == 2):.4f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from hnseg_infer.channels.build import build_input, harmonisation_notes, model_g
 from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed, load_clicks
 from hnseg_infer.errors import InputError, MissingPetError, RecipeError
 from hnseg_infer.geometry.grid import Box
+from hnseg_infer.inference.backend import describe
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
 from hnseg_infer.io.sidecar import crop_record
@@ -70,26 +71,30 @@ class Prediction:
 class Segmenter:
     """A recipe with its models loaded: `predict` runs it on one case after another without reloading anything."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "auto"):
+    def __init__(self, recipe: Recipe, *, device: str = "auto", backend: str = "auto", precision: str = "f32"):
         """Create every model's sessions (validated against the recipe) and choose each stage's ensembling and the
-        last stage's restore strategy, once."""
+        last stage's restore strategy, once. `backend`: "auto" (OpenVINO on the CPU where it runs the model, else
+        onnxruntime), "onnxruntime" or "openvino"; `precision` "bf16" asks OpenVINO for bf16, proven against f32
+        on each model's first tile batch (inference/backend.py)."""
         start = time.perf_counter()
-        self.recipe, self.device = recipe, device
-        self.models = {spec.name: LoadedModel.load(spec, device=device) for spec in recipe.models}
+        self.recipe, self.device, self.backend = recipe, device, backend
+        self.models = {spec.name: LoadedModel.load(spec, device=device, backend=backend, precision=precision)
+                       for spec in recipe.models}
         self.load_s = time.perf_counter() - start
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
 
     @classmethod
-    def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
+    def from_weights(cls, weights: str | Path, *, device: str = "auto", backend: str = "auto",
+                     precision: str = "f32") -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
         try:
             recipe = load_recipe(resolve_weights(Path(weights)))
         except PermissionError as exc:  # a folder or file of the weights this user may not read
             raise RecipeError(f"weights {exc.filename} cannot be read by this user ({exc.strerror}): make the "
                               f"weights folder {weights} readable (chmod -R a+rX)") from exc
-        return cls(recipe, device=device)
+        return cls(recipe, device=device, backend=backend, precision=precision)
 
     @property
     def provider(self) -> str:
@@ -102,8 +107,8 @@ class Segmenter:
         """Read, validate and predict one case (paths, DICOM series folders or SimpleITK images; `ct_series`,
         `pet_series`: the SeriesInstanceUID to take from a folder holding several). CT-only mode when asked for
         (`ct_only`; a PET given is not read) or when there is no PET (`pet_missing` says where none was found);
-        either needs a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
-        `report`: collect into this report (a caller that writes it after a failure passes its own).
+        either needs a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's
+        maps. `report`: collect into this report (a caller that writes it after a failure passes its own).
         Raises HnsegError subclasses on bad input, recipe or model."""
         report = report if report is not None else RunReport()
         reason = ct_only_reason(self.recipe, pet=pet, ct_only=ct_only, pet_missing=pet_missing)
@@ -154,6 +159,7 @@ class Segmenter:
             report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
         mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
         validate_mask(mask, case.ct_grid)
+        self._record_engines(report)
         report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
         report.finish("ok")
         return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
@@ -179,8 +185,14 @@ class Segmenter:
             report.add_stage_time("load_models", self.load_s)
             self._load_reported = True
         report.set("provider", self.provider)
+        self._record_engines(report)
+
+    def _record_engines(self, report: RunReport) -> None:
+        """Each model's engine and the fallbacks so far (a bf16 proof adds its own on the first batch)."""
+        report.set("backend", {name: describe(model.folds[0]) for name, model in self.models.items()})
         for line in dict.fromkeys(line for model in self.models.values() for line in model.fallbacks):
-            report.fallback(line)
+            if line not in report.data["fallbacks"]:
+                report.fallback(line)
 
     def _locate(self, case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport,
                 prefix: str) -> RoiResult:

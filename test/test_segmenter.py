@@ -13,6 +13,7 @@ from builders import write_weights
 from conftest import small_case, write_gc_input
 
 import hnseg_infer.inference.onnx_engine as onnx_engine
+import hnseg_infer.inference.openvino_engine as openvino_engine
 from hnseg_infer import Segmenter
 from hnseg_infer.cli.main import main
 from hnseg_infer.geometry.grid import IDENTITY, Grid
@@ -21,15 +22,21 @@ from hnseg_infer.restore.ensemble import Ensemble, Member, OutputSpace
 
 @pytest.fixture
 def session_count(monkeypatch):
-    """How many onnxruntime sessions hnseg creates."""
+    """How many engines hnseg creates: onnxruntime sessions and model files read by OpenVINO."""
     created = []
     real = onnx_engine.ort.InferenceSession
+    real_read = openvino_engine._read_onnx
 
     def counting(*args, **kwargs):
         created.append(args[0])
         return real(*args, **kwargs)
 
+    def reading(path):
+        created.append(path)
+        return real_read(path)
+
     monkeypatch.setattr(onnx_engine.ort, "InferenceSession", counting)
+    monkeypatch.setattr(openvino_engine, "_read_onnx", reading)
     return created
 
 

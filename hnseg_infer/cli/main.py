@@ -18,6 +18,7 @@ from pathlib import Path
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.cli.console import quiet_libraries, say
 from hnseg_infer.errors import HnsegError, InputError, MissingPetError, OutputError
+from hnseg_infer.inference.backend import BACKENDS, PRECISIONS
 from hnseg_infer.io.atomic import check_writable_folder, clear_previous
 from hnseg_infer.io.images import discover_inputs, find_single_image, is_dicom_folder, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
@@ -26,6 +27,10 @@ from hnseg_infer.segmenter import Prediction, Segmenter
 from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 
 GC_MODEL_DIR = Path("/opt/ml/model")
+BACKEND_HELP = ("the CPU engine: auto (OpenVINO where installed and the model compiles in f32, else onnxruntime), "
+                "onnxruntime or openvino; CUDA always runs on onnxruntime")
+PRECISION_HELP = ("f32 (default) or bf16: OpenVINO in bf16 where this CPU has it and each model's first tile batch "
+                  "agrees with f32, else f32 with a line in the report")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # beside hnseg_infer/: /opt/app/weights
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
 
@@ -51,6 +56,7 @@ class CaseOutputs:
 
 
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
+            backend: str = "auto", precision: str = "f32",
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
@@ -60,7 +66,7 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
     report = report if report is not None else RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir, dicom_seg, rtstruct)
     try:
-        segmenter = Segmenter.from_weights(weights, device=device)
+        segmenter = Segmenter.from_weights(weights, device=device, backend=backend, precision=precision)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
         return _finish(report, outputs.report, exc, debug=debug)
     return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
@@ -218,6 +224,10 @@ def container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=_env_path("HNSEG_WEIGHTS", None))
     parser.add_argument("--report", type=Path, default=_env_path("HNSEG_REPORT", "/tmp/hnseg/report.json"))
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("HNSEG_DEVICE", "auto"))
+    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("HNSEG_BACKEND", "auto"),
+                        help=BACKEND_HELP)
+    parser.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("HNSEG_PRECISION", "f32"),
+                        help=PRECISION_HELP)
     parser.add_argument("--qc", type=Path, default=_env_path("HNSEG_QC", None),
                         help="also draw the QC picture (PNG) here; keep it outside --output on grand-challenge")
     parser.add_argument("--sidecar", type=Path, default=_env_path("HNSEG_SIDECAR", None),
@@ -242,7 +252,8 @@ def container_main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     with quiet_libraries(report.warn):
         return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing, out=mask, weights=weights,
-                       report_path=args.report, device=args.device, debug=args.debug, qc_png=args.qc,
+                       report_path=args.report, device=args.device, backend=args.backend,
+                       precision=args.precision, debug=args.debug, qc_png=args.qc,
                        sidecar=args.sidecar, uncertainty_dir=args.uncertainty,
                        uncertainty_seed=args.uncertainty_seed, report=report)
 
@@ -279,7 +290,8 @@ def _batch(args) -> int:
 
     try:
         cases = find_cases(args.input).cases
-        segmenter = Segmenter.from_weights(args.weights, device=args.device)
+        segmenter = Segmenter.from_weights(args.weights, device=args.device, backend=args.backend,
+                                           precision=args.precision)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -414,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    common.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    common.add_argument("--precision", choices=PRECISIONS, default="f32", help=PRECISION_HELP)
     common.add_argument("--debug", action="store_true")
     common.add_argument("--ct-only", action="store_true",
                         help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
@@ -523,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("predict", "refine"):
         return run_one(ct=args.ct, pet=args.pet, ct_only=args.ct_only, out=args.out, weights=args.weights,
                        report_path=args.report,
-                       device=args.device, debug=args.debug, qc_png=args.qc, sidecar=getattr(args, "sidecar", None),
+                       device=args.device, backend=args.backend, precision=args.precision, debug=args.debug,
+                       qc_png=args.qc,
+                       sidecar=getattr(args, "sidecar", None),
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
                        uncertainty_seed=args.uncertainty_seed, ct_series=getattr(args, "ct_series", None),
                        pet_series=getattr(args, "pet_series", None), dicom_seg=getattr(args, "out_dicom_seg", None),

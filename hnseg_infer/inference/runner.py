@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hnseg_infer.errors import ModelError
+from hnseg_infer.inference.backend import open_model
 from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.inference.sliding_window import predict_sliding_window
 from hnseg_infer.inference.stochastic import StochasticModel
@@ -39,19 +40,27 @@ def _checked(model: OnnxModel, spec: ModelSpec, *, twin: bool = False) -> OnnxMo
 
 @dataclass
 class LoadedModel:
-    """A recipe model with one onnxruntime session per fold, created once."""
+    """A recipe model with one engine per fold (onnxruntime or OpenVINO: inference/backend.py), created once."""
 
     spec: ModelSpec
     device: str
     folds: tuple[OnnxModel, ...]
     _stochastic: tuple[StochasticModel, ...] | None = field(default=None, repr=False)
+    backend: str = "auto"
+    precision: str = "f32"
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str) -> "LoadedModel":
-        """One session per fold file (the recipe's hash: an engine's stamp is checked on it)."""
-        folds = tuple(_checked(OnnxModel(path, device=device, sha256=sha256), spec)
-                      for path, sha256 in zip(spec.files, spec.sha256))
-        return cls(spec, device, folds)
+    def load(cls, spec: ModelSpec, *, device: str, backend: str = "auto", precision: str = "f32") -> "LoadedModel":
+        """One engine per fold file (the recipe's hash: an engine's stamp is checked on it)."""
+        model = cls(spec, device, (), backend=backend, precision=precision)
+        model.folds = tuple(_checked(model._open(path, sha256), spec) for path, sha256 in zip(spec.files, spec.sha256))
+        return model
+
+    def _open(self, path, sha256, *, stochastic: bool = False):
+        spec = self.spec
+        return open_model(path, device=self.device, backend=self.backend, sha256=sha256, stochastic=stochastic,
+                          patch_zyx=spec.tiling.patch_size_zyx, tile_batch=spec.tiling.tile_batch,
+                          precision="f32" if stochastic else self.precision, head=spec.head.type)
 
     @property
     def fallbacks(self) -> list[str]:
@@ -62,7 +71,7 @@ class LoadedModel:
         """The folds' stochastic twins (Monte-Carlo dropout), opened on first use and kept."""
         if self._stochastic is None:
             self._stochastic = tuple(
-                _checked(StochasticModel(path, device=self.device, sha256=digest), self.spec, twin=True)
+                _checked(self._open(path, digest, stochastic=True), self.spec, twin=True)
                 for path, digest in zip(self.spec.stochastic_files, self.spec.stochastic_sha256))
         return self._stochastic
 

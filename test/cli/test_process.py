@@ -26,8 +26,30 @@ def test_writes_the_mask_on_the_ct_grid_and_nothing_else(case_dir, weights_dir, 
     assert values == {0, 1}  # the hot lesion is found as GTVp
     data = json.loads(report.read_text())
     assert data["status"] == "ok" and data["labels"]["GTVp"]["components"] == 1
-    assert data["inputs"]["pet_unit"]["unit"] == "suv" and data["provider"] == "CPUExecutionProvider"
+    assert data["inputs"]["pet_unit"]["unit"] == "suv" and data["provider"] == "OpenVINO CPU"  # auto, no GPU
+    (model,) = data["backend"].values()
+    assert model["backend"] == "openvino" and model["precision"] == "f32" and data["fallbacks"] == []
     assert "hnseg: ok" in result.stdout
+
+
+def test_backend_option_and_variable_choose_the_engine(case_dir, weights_dir, tmp_path):
+    """--backend onnxruntime gives the same mask on onnxruntime's CPU provider; HNSEG_BACKEND sets it too, and an
+    unknown value is a one-line error (exit 2) that writes nothing."""
+    masks = {}
+    for backend in ("openvino", "onnxruntime"):
+        out, report = tmp_path / backend, tmp_path / f"{backend}.json"
+        result = run_process(case_dir, out, weights_dir, report, "--backend", backend)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(report.read_text())
+        (model,) = data["backend"].values()
+        assert model["backend"] == backend
+        masks[backend] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / OUTPUT_RELATIVE)))
+    assert data["provider"] == "CPUExecutionProvider"
+    np.testing.assert_array_equal(masks["openvino"], masks["onnxruntime"])
+    env = dict(os.environ, HNSEG_BACKEND="tensorflow")
+    result = run_process(case_dir, tmp_path / "bad", weights_dir, None, env=env)
+    assert result.returncode == 2 and files_under(tmp_path / "bad") == []
+    assert result.stderr.strip().splitlines()[-1].startswith("hnseg: error:") and "unknown backend" in result.stderr
 
 
 def test_qc_picture_is_drawn_beside_the_output_when_asked(case_dir, weights_dir, tmp_path):

@@ -10,7 +10,7 @@ from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-CPU = {"numpy", "scipy", "simpleitk", "onnxruntime", "connected-components-3d", "tqdm", "matplotlib"}
+CPU = {"numpy", "scipy", "simpleitk", "onnxruntime", "openvino", "connected-components-3d", "tqdm", "matplotlib"}
 GPU = {"onnxruntime-gpu", "tensorrt-cu12-libs"}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from backend_parity import assert_backends_agree
 from builders import image_from_function, model_entry, signed_permutations, write_weights
 from conftest import REPO, ct_values, pet_values
 
@@ -309,6 +310,14 @@ def test_auto3dseg_recipe_reproduces_the_template(auto3dseg):
     assert source["kind"] == "auto3dseg" and source["network"]["kwargs"]["norm"] == "INSTANCE"
     assert any("Spacingd" in note for note in source["notes"])
     assert all(p["fp32"]["passed"] for p in spec.provenance["proof"].values())
+
+
+def test_openvino_runs_the_segresnetds_folds_as_onnxruntime(auto3dseg):
+    """Auto3DSeg SegResNetDS folds: OpenVINO (f32) and onnxruntime on the same tiles."""
+    (spec,) = load_recipe(auto3dseg["out"]).models
+    tiles = np.random.default_rng(4).standard_normal((2, 2, *spec.tiling.patch_size_zyx)).astype(np.float32)
+    for path in spec.files:
+        assert_backends_agree(path, tiles, head=spec.head.type)
 
 
 def test_auto3dseg_end_to_end_against_monai(auto3dseg):

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backend_parity import assert_backends_agree  # noqa: E402
 from builders import image_from_function  # noqa: E402
 from nnunet_folders import balance_classes, preprocessed, write_results_folder  # noqa: E402
 
@@ -137,6 +138,14 @@ def test_recipe_carries_the_plans(exported):
     proofs = model.provenance["proof"]
     assert sorted(proofs) == ["fold_0.onnx", "fold_1.onnx"]
     assert all(p["fp32"]["passed"] and p["fp32"]["max_abs_logit_diff"] < 1e-3 for p in proofs.values())
+
+
+def test_openvino_runs_the_folds_as_onnxruntime(exported):
+    """PlainConvUNet and ResidualEncoderUNet folds: OpenVINO (f32) and onnxruntime on the same tiles."""
+    (model,) = load_recipe(exported[2]).models
+    tiles = np.random.default_rng(3).standard_normal((2, 2, *model.tiling.patch_size_zyx)).astype(np.float32)
+    for path in model.files:
+        assert_backends_agree(path, tiles, head=model.head.type)
 
 
 def _our_logits(weights: Path, data_czyx: np.ndarray) -> np.ndarray:

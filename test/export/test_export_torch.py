@@ -10,11 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from backend_parity import assert_backends_agree
 from builders import torch_route_parser as _parser
 
 from hnseg_export import from_torch
 from hnseg_export.snu import SNUNet
 from hnseg_infer.errors import ExportError
+from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16
 from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.recipe.load import load_recipe
 
@@ -102,6 +104,7 @@ def test_two_folds_exported_proven_and_run_by_the_runtime(inputs, tmp_path):
         # each file is its own fold's network, run by hnseg_infer's engine on inputs the proof did not use
         outputs.append(OnnxModel(path, device="cpu")(x))
         np.testing.assert_allclose(outputs[-1], _torch_logits(seed, x), atol=1e-4, rtol=1e-4)
+        assert_backends_agree(path, x)  # the SNU network (SE Norm, PSAM) on OpenVINO too
     assert np.abs(outputs[0] - outputs[1]).max() > 1e-2  # two different folds, not one file twice
     assert source["state_dicts"]["snu_fold1"]["unwrapped"] == ["state_dict", "module."]
     assert model.provenance["proof"].keys() == {"snu_fold0.onnx", "snu_fold1.onnx"}
@@ -125,6 +128,8 @@ def test_fp16_folds(inputs, tmp_path):
         reference = _torch_logits(seed, x)
         logits = OnnxModel(path, device="cpu")(x)
         assert (logits.argmax(1) == reference.argmax(1)).mean() > 0.98
+        # OpenVINO computes the fp16 file in f32: within the fp16 rule of onnxruntime's fp16 run
+        assert_backends_agree(path, x, tolerance=TOLERANCE_FP16, min_agreement=MIN_AGREEMENT_FP16)
         assert np.abs(logits - reference).max() < 0.05 * max(1.0, np.abs(reference).max())
 
 
