@@ -20,8 +20,10 @@ import SimpleITK as sitk
 
 from hnseg_infer.channels.build import build_input, harmonisation_notes, model_grid
 from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed, load_clicks
+from hnseg_infer.clock import Deadline
 from hnseg_infer.errors import InputError, MissingPetError, RecipeError
 from hnseg_infer.geometry.grid import Box
+from hnseg_infer.inference.anytime import Planner, run_stage
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
 from hnseg_infer.io.sidecar import crop_record
@@ -80,6 +82,7 @@ class Segmenter:
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
+        self.seconds_per_tile: dict[str, float] = {}  # measured under a budget, kept for the next cases
 
     @classmethod
     def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
@@ -92,26 +95,33 @@ class Segmenter:
 
     def predict(self, ct: ImageOrPath, pet: ImageOrPath | None = None, *, clicks: Clicks | str | Path | None = None,
                 uncertainty: UncertaintyOptions | bool | None = None, ct_only: bool = False,
-                pet_missing: MissingPetError | None = None, report: RunReport | None = None) -> Prediction:
+                pet_missing: MissingPetError | None = None, report: RunReport | None = None,
+                time_budget_s: float | None = None, deadline: Deadline | None = None) -> Prediction:
         """Read, validate and predict one case (paths or SimpleITK images). CT-only mode when asked for (`ct_only`;
         a PET given is not read) or when there is no PET (`pet_missing` says where none was found); either needs
         a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's maps.
         `report`: collect into this report (a caller that writes it after a failure passes its own).
+        `time_budget_s` (None or 0: none): seconds from this call within which the case should finish; or
+        `deadline`, counted from elsewhere (the process start, clock.py). Under a budget the models run anytime
+        (inference/anytime.py) and report["budget"] says what was left out; without one it is null.
         Raises HnsegError subclasses on bad input, recipe or model."""
+        deadline = deadline if deadline is not None else Deadline.from_budget(time_budget_s)
         report = report if report is not None else RunReport()
         reason = ct_only_reason(self.recipe, pet=pet, ct_only=ct_only, pet_missing=pet_missing)
         if isinstance(clicks, (str, Path)):
             clicks = load_clicks(Path(clicks))
         with report.stage("read_and_validate"):
             case = load_case(ct, None if reason else pet)
-        return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason)
+        return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason,
+                                 deadline=deadline)
 
     def predict_case(self, case: Case, *, clicks: Clicks | None = None,
                      uncertainty: UncertaintyOptions | bool | None = None, report: RunReport | None = None,
-                     ct_only_reason: str | None = None) -> Prediction:
-        """Run the recipe on a case already read and validated (`load_case`)."""
+                     ct_only_reason: str | None = None, deadline: Deadline | None = None) -> Prediction:
+        """Run the recipe on a case already read and validated (`load_case`), within `deadline` when given."""
         recipe = self.recipe
         report = report if report is not None else RunReport()
+        planner = None if deadline is None else Planner(deadline, recipe.budget, self.seconds_per_tile)
         if case.ct_only and not recipe.pet_optional:
             raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
                               f"true) but case {case.ct_path} has none: give its PET image")
@@ -125,7 +135,9 @@ class Segmenter:
             prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
             roi = self._locate(case, stage, previous, report, prefix)
             rois.append(StageRoi(stage.name, roi))
-            members = self._run_models(case, stage, roi.box, report, prefix, clicks=clicks)
+            last = index == len(recipe.stages) - 1
+            members = self._run_models(case, stage, roi.box, report, prefix, clicks=clicks, planner=planner,
+                                       last_stage=last)
             if index < len(recipe.stages) - 1:
                 previous = self._stage_labels(stage, members, roi.box, report, prefix)
                 del members
@@ -148,6 +160,7 @@ class Segmenter:
         mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
         validate_mask(mask, case.ct_grid)
         report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+        _record_budget(report, planner)
         report.finish("ok")
         return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
 
@@ -186,8 +199,12 @@ class Segmenter:
         return roi
 
     def _run_models(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
-                    clicks: Clicks | None) -> list[Member]:
-        """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
+                    clicks: Clicks | None, planner: Planner | None = None, last_stage: bool = True) -> list[Member]:
+        """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space (under a
+        budget, the members and passes the planner let run)."""
+        if planner is not None:
+            return self._run_models_anytime(case, stage, roi_box, report, prefix, clicks=clicks, planner=planner,
+                                            last_stage=last_stage)
         ensemble = self.ensembles[stage.name]
         members, records = [], []
         for spec in stage.models:
@@ -204,6 +221,25 @@ class Segmenter:
                             "patch_size_zyx": list(spec.tiling.patch_size_zyx),
                             "mirror_axes_zyx": list(spec.tiling.mirror_axes_zyx)})
         report.stage_record(stage.name)["models"] = records
+        return members
+
+    def _run_models_anytime(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
+                            clicks: Clicks | None, planner: Planner, last_stage: bool) -> list[Member]:
+        def input_of(spec, grid):
+            for note in harmonisation_notes(spec, grid):
+                report.warn(f"{prefix}{spec.name}: {note}")
+            with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
+                return build_input(case, grid, spec, clicks=clicks)
+
+        with report.stage(f"{prefix}anytime_passes"):
+            runs = run_stage(stage, self.models, planner, last_stage=last_stage, input_of=input_of,
+                             grid_of=lambda spec: model_grid(spec, roi_box, case.ct_grid))
+        ensemble = self.ensembles[stage.name]
+        members = [ensemble.member(run.spec, run.probabilities(), run.grid) for run in runs]
+        report.stage_record(stage.name)["models"] = [
+            {"name": run.spec.name, "grid": run.grid.to_dict(), "folds": len(run.sums),
+             "patch_size_zyx": list(run.spec.tiling.patch_size_zyx), "mirror_axes_zyx": list(run.axes)}
+            for run in runs]
         return members
 
     def _stage_labels(self, stage: StageSpec, members: list[Member], roi_box: Box, report: RunReport,
@@ -234,6 +270,18 @@ class Segmenter:
                            paste_grid=roi_grid, paste_slices_zyx=roi_slices_zyx, labels=model_labels)
         report.set("crop", crop)
         return labels_zyx, roi_grid, roi_slices_zyx, model_labels, crop
+
+
+def _record_budget(report: RunReport, planner: Planner | None) -> None:
+    """report["budget"]: null without a budget; else what ran, what was left out, predicted and actual time."""
+    if planner is None:
+        report.set("budget", None)
+        return
+    record = planner.record(clock_start=planner.deadline.label)
+    record["actual_s"] = round(planner.deadline.elapsed_s(), 3)
+    report.set("budget", record)
+    if warning := planner.warning():
+        report.warn(warning)
 
 
 def roi_record(roi: RoiResult) -> dict:
