@@ -8,14 +8,19 @@ nothing is left under the output path, and the run report (status "error") still
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
-from hnseg_infer.errors import HnsegError, MissingPetError
+from hnseg_infer.clock import Deadline, process_start_s
+from hnseg_infer.errors import HnsegError, MissingPetError, Terminated
 from hnseg_infer.io.images import discover_inputs, find_single_image, write_image_atomic
 from hnseg_infer.recipe.load import RECIPE_FILE
 from hnseg_infer.report import RunReport
@@ -25,6 +30,52 @@ from hnseg_infer.uncertainty.passes import UncertaintyOptions, write_maps
 GC_MODEL_DIR = Path("/opt/ml/model")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # beside hnseg_infer/: /opt/app/weights
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
+CONTAINER_TIME_BUDGET_S = 540.0  # a minute of margin under grand-challenge's 10 minutes per case
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the clean-up must not be interrupted
+    raise Terminated("terminated by SIGTERM (the platform's time limit?)")
+
+
+def install_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread: the run stops, leaves nothing under the output folder, writes
+    its report with status "terminated" and exits 143. (Python runs signal handlers in the main thread only.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def exits_143_on_sigterm(command):
+    """A command whose SIGTERM outside a case (while parsing, finding the inputs) still exits 143."""
+    @functools.wraps(command)
+    def wrapped(argv: list[str] | None = None) -> int:
+        install_sigterm()
+        try:
+            return command(argv)
+        except Terminated as exc:
+            print(f"hnseg: {exc}: nothing written", file=sys.stderr)
+            return EXIT_TERMINATED
+    return wrapped
+
+
+def time_budget_arg(value: str) -> float:
+    """--time-budget / HNSEG_TIME_BUDGET: seconds >= 0 (0: none)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"time budget {value!r} is not a number of seconds >= 0: give e.g. 540, or "
+                                         f"0 for none")
+    return seconds
+
+
+def _deadline(budget_s: float | None, *, start_s: float | None = None) -> Deadline | None:
+    """The case's deadline: from the process start (imports and model loading count) unless `start_s` is given."""
+    if start_s is None:
+        return Deadline.from_budget(budget_s, start_s=process_start_s(), label="process start")
+    return Deadline.from_budget(budget_s, start_s=start_s, label="case start")
 
 
 def default_weights() -> Path:
@@ -48,29 +99,37 @@ class CaseOutputs:
 def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path: Path | None, device: str,
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
-            uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None) -> int:
-    """Load the weights, predict one case and write its files (see `run_case`). Returns the exit code."""
+            uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
+            time_budget_s: float | None = None) -> int:
+    """Load the weights, predict one case and write its files (see `run_case`), within `time_budget_s` from the
+    process start when given. Returns the exit code."""
     report = RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
+    deadline = _deadline(time_budget_s)
     try:
         segmenter = Segmenter.from_weights(weights, device=device)
+    except Terminated as exc:
+        return _finish(report, outputs.report, exc, debug=debug)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
         return _finish(report, outputs.report, exc, debug=debug)
     return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
-                    pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug)
+                    pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug,
+                    deadline=deadline)
 
 
 def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseOutputs, report: RunReport | None = None,
              ct_only: bool = False, pet_missing: MissingPetError | None = None, clicks: Path | None = None,
-             uncertainty_seed: int | None = None, debug: bool = False) -> int:
+             uncertainty_seed: int | None = None, debug: bool = False, deadline: Deadline | None = None) -> int:
     """Predict one case with loaded models and write its mask (and, when asked, its QC picture, crop sidecar and
-    uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them. The report is
-    written whatever happens. Returns the exit code."""
+    uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them; within
+    `deadline` when given. The report is written whatever happens; on SIGTERM (Terminated) the mask is removed
+    if it was already written. Returns the exit code."""
     report = report if report is not None else RunReport()
+    written = False
     try:
         uncertainty = UncertaintyOptions(seed=uncertainty_seed) if outputs.uncertainty_dir else None
         prediction = segmenter.predict(ct, pet, ct_only=ct_only, pet_missing=pet_missing, clicks=clicks,
-                                       uncertainty=uncertainty, report=report)
+                                       uncertainty=uncertainty, report=report, deadline=deadline)
         if outputs.qc_png is not None:
             _draw_qc(prediction, outputs.qc_png, case_name=Path(ct).name)
         if outputs.sidecar is not None:
@@ -81,17 +140,28 @@ def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseO
                                                               outputs.uncertainty_dir))
         with report.stage("write"):
             write_image_atomic(prediction.mask, outputs.mask)
+            written = True
         report.set("output", str(outputs.mask))
+        if deadline is not None:
+            report.data["budget"]["actual_s"] = round(deadline.elapsed_s(), 3)  # the write included
         report.finish("ok")
+    except Terminated as exc:
+        if written:
+            outputs.mask.unlink(missing_ok=True)
+        return _finish(report, outputs.report, exc, debug=debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: report, never leave a partial output
         return _finish(report, outputs.report, exc, debug=debug)
     return _finish(report, outputs.report, None, debug=debug)
 
 
-def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, *, debug: bool) -> int:
+def _finish(report: RunReport, report_path: Path | None, exc: BaseException | None, *, debug: bool) -> int:
     """Report the error (one line on stderr), write the report, print the summary line; the exit code."""
     code = 0
-    if isinstance(exc, HnsegError):
+    if isinstance(exc, Terminated):
+        report.finish("terminated", str(exc))
+        print(f"hnseg: {exc}: nothing written", file=sys.stderr)
+        code = EXIT_TERMINATED
+    elif isinstance(exc, HnsegError):
         report.finish("error", str(exc))
         print(f"hnseg: error: {exc}", file=sys.stderr)
         code = EXIT_USER_ERROR
@@ -151,6 +221,7 @@ def _env_path(name: str, default) -> Path | None:
     return Path(value) if value else (Path(default) if default is not None else None)
 
 
+@exits_143_on_sigterm
 def container_main(argv: list[str] | None = None) -> int:
     """process.py: /input → /output/images/tumor-lymph-node-segmentation/output.mha, as on grand-challenge."""
     parser = argparse.ArgumentParser(prog="process.py", description=container_main.__doc__)
@@ -170,6 +241,10 @@ def container_main(argv: list[str] | None = None) -> int:
                         help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR, from "
                              "the recipe's uncertainty passes; keep DIR outside --output on grand-challenge")
     parser.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    parser.add_argument("--time-budget", type=time_budget_arg, metavar="SECONDS",
+                        default=os.environ.get("HNSEG_TIME_BUDGET", str(CONTAINER_TIME_BUDGET_S)),
+                        help="finish within this many seconds of the process start, dropping refinements that would "
+                             f"not fit (default {CONTAINER_TIME_BUDGET_S:g}; 0: none)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -181,7 +256,8 @@ def container_main(argv: list[str] | None = None) -> int:
     return run_one(ct=ct, pet=pet, ct_only=args.ct_only, pet_missing=pet_missing,
                    out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
                    device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
-                   uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed)
+                   uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed,
+                   time_budget_s=args.time_budget)
 
 
 def _batch(args) -> int:
@@ -201,7 +277,7 @@ def _batch(args) -> int:
         return EXIT_USER_ERROR
     out = Path(args.out)
     failed = []
-    for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
+    for number, case in enumerate(tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr)):
         root = case / "input" if (case / "input" / "images").is_dir() else case
         try:
             ct, pet, pet_missing = _discover(root)
@@ -213,8 +289,13 @@ def _batch(args) -> int:
                               out / f"{case.name}.qc.png" if args.qc else None,
                               out / f"{case.name}.sidecar.json" if args.sidecar else None,
                               out / f"{case.name}.uncertainty" if args.uncertainty else None)
-        if run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
-                    uncertainty_seed=args.uncertainty_seed, debug=args.debug):
+        # each case gets the budget; the first one's counts from the process start (loading is its cost)
+        deadline = _deadline(args.time_budget, start_s=None if number == 0 else time.monotonic())
+        code = run_case(segmenter, ct=ct, pet=pet, outputs=outputs, ct_only=args.ct_only, pet_missing=pet_missing,
+                        uncertainty_seed=args.uncertainty_seed, debug=args.debug, deadline=deadline)
+        if code == EXIT_TERMINATED:
+            return code
+        if code:
             failed.append(case.name)
     print(f"hnseg batch: {len(cases) - len(failed)} of {len(cases)} cases ok"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -268,6 +349,7 @@ def _check_output(args) -> int:
     return 0
 
 
+@exits_143_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--debug", action="store_true")
     common.add_argument("--ct-only", action="store_true",
                         help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
+    common.add_argument("--time-budget", type=time_budget_arg, default=0.0, metavar="SECONDS",
+                        help="finish each case within this many seconds (the first from the process start), dropping "
+                             "refinements that would not fit (default 0: none)")
 
     p = sub.add_parser("predict", parents=[common], help="one case: --ct CT --pet PET --out MASK")
     p.add_argument("--ct", type=Path, required=True)
@@ -372,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                        report_path=args.report,
                        device=args.device, debug=args.debug, qc_png=args.qc, sidecar=getattr(args, "sidecar", None),
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
-                       uncertainty_seed=args.uncertainty_seed)
+                       uncertainty_seed=args.uncertainty_seed, time_budget_s=args.time_budget)
     return _batch(args)
 
 
