@@ -72,12 +72,14 @@ class Prediction:
 class Segmenter:
     """A recipe with its models loaded: `predict` runs it on one case after another without reloading anything."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "auto"):
+    def __init__(self, recipe: Recipe, *, device: str = "auto", allow_trt_build: bool = False):
         """Create every model's sessions (validated against the recipe) and choose each stage's ensembling and the
-        last stage's restore strategy, once."""
+        last stage's restore strategy, once. `allow_trt_build`: let onnxruntime build a TensorRT engine where no
+        prebuilt one is stamped for this GPU (minutes; by default such a model runs on CUDA)."""
         start = time.perf_counter()
         self.recipe, self.device = recipe, device
-        self.models = {spec.name: LoadedModel.load(spec, device=device) for spec in recipe.models}
+        self.models = {spec.name: LoadedModel.load(spec, device=device, allow_trt_build=allow_trt_build)
+                       for spec in recipe.models}
         self.load_s = time.perf_counter() - start
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
@@ -85,9 +87,9 @@ class Segmenter:
         self.seconds_per_tile: dict[str, float] = {}  # measured under a budget, kept for the next cases
 
     @classmethod
-    def from_weights(cls, weights: str | Path, *, device: str = "auto") -> "Segmenter":
+    def from_weights(cls, weights: str | Path, *, device: str = "auto", allow_trt_build: bool = False) -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
-        return cls(load_recipe(resolve_weights(Path(weights))), device=device)
+        return cls(load_recipe(resolve_weights(Path(weights))), device=device, allow_trt_build=allow_trt_build)
 
     @property
     def provider(self) -> str:
@@ -161,6 +163,7 @@ class Segmenter:
         validate_mask(mask, case.ct_grid)
         report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
         _record_budget(report, planner)
+        self._report_run_fallbacks(report)
         report.finish("ok")
         return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
 
@@ -185,6 +188,16 @@ class Segmenter:
         report.set("provider", self.provider)
         for line in dict.fromkeys(line for model in self.models.values() for line in model.fallbacks):
             report.fallback(line)
+
+    def _report_run_fallbacks(self, report: RunReport) -> None:
+        """The sessions' out-of-memory steps during this case (onnx_engine.py), once each, then forgotten."""
+        for model in self.models.values():
+            for fold in model.folds:
+                lines = getattr(fold, "run_fallbacks", None)  # a session; a test's plain callable has none
+                if lines:
+                    for line in lines:
+                        report.fallback(line)
+                    lines.clear()
 
     def _locate(self, case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport,
                 prefix: str) -> RoiResult:

@@ -100,14 +100,14 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
             ct_only: bool = False, pet_missing: MissingPetError | None = None,
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
-            time_budget_s: float | None = None) -> int:
+            time_budget_s: float | None = None, allow_trt_build: bool = False) -> int:
     """Load the weights, predict one case and write its files (see `run_case`), within `time_budget_s` from the
     process start when given. Returns the exit code."""
     report = RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
     deadline = _deadline(time_budget_s)
     try:
-        segmenter = Segmenter.from_weights(weights, device=device)
+        segmenter = Segmenter.from_weights(weights, device=device, allow_trt_build=allow_trt_build)
     except Terminated as exc:
         return _finish(report, outputs.report, exc, debug=debug)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
@@ -245,6 +245,9 @@ def container_main(argv: list[str] | None = None) -> int:
                         default=os.environ.get("HNSEG_TIME_BUDGET", str(CONTAINER_TIME_BUDGET_S)),
                         help="finish within this many seconds of the process start, dropping refinements that would "
                              f"not fit (default {CONTAINER_TIME_BUDGET_S:g}; 0: none)")
+    parser.add_argument("--allow-trt-build", action="store_true",
+                        default=os.environ.get("HNSEG_ALLOW_TRT_BUILD") == "1",
+                        help="let onnxruntime build TensorRT engines inside the case where none is prebuilt (minutes)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -257,7 +260,7 @@ def container_main(argv: list[str] | None = None) -> int:
                    out=args.output / GC_OUTPUT_RELATIVE, weights=weights, report_path=args.report,
                    device=args.device, debug=args.debug, qc_png=args.qc, sidecar=args.sidecar,
                    uncertainty_dir=args.uncertainty, uncertainty_seed=args.uncertainty_seed,
-                   time_budget_s=args.time_budget)
+                   time_budget_s=args.time_budget, allow_trt_build=args.allow_trt_build)
 
 
 def _batch(args) -> int:
@@ -271,7 +274,7 @@ def _batch(args) -> int:
         print(f"hnseg: error: no case folders in {args.input}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
-        segmenter = Segmenter.from_weights(args.weights, device=args.device)
+        segmenter = Segmenter.from_weights(args.weights, device=args.device, allow_trt_build=args.allow_trt_build)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -362,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--time-budget", type=time_budget_arg, default=0.0, metavar="SECONDS",
                         help="finish each case within this many seconds (the first from the process start), dropping "
                              "refinements that would not fit (default 0: none)")
+    common.add_argument("--allow-trt-build", action="store_true",
+                        help="let onnxruntime build TensorRT engines where none is prebuilt (minutes)")
 
     p = sub.add_parser("predict", parents=[common], help="one case: --ct CT --pet PET --out MASK")
     p.add_argument("--ct", type=Path, required=True)
@@ -457,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                        report_path=args.report,
                        device=args.device, debug=args.debug, qc_png=args.qc, sidecar=getattr(args, "sidecar", None),
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
-                       uncertainty_seed=args.uncertainty_seed, time_budget_s=args.time_budget)
+                       uncertainty_seed=args.uncertainty_seed, time_budget_s=args.time_budget,
+                       allow_trt_build=args.allow_trt_build)
     return _batch(args)
 
 

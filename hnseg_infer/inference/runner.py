@@ -47,9 +47,9 @@ class LoadedModel:
     _stochastic: tuple[StochasticModel, ...] | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str) -> "LoadedModel":
+    def load(cls, spec: ModelSpec, *, device: str, allow_trt_build: bool = False) -> "LoadedModel":
         """One session per fold file (the recipe's hash: an engine's stamp is checked on it)."""
-        folds = tuple(_checked(OnnxModel(path, device=device, sha256=sha256), spec)
+        folds = tuple(_checked(OnnxModel(path, device=device, sha256=sha256, allow_trt_build=allow_trt_build), spec)
                       for path, sha256 in zip(spec.files, spec.sha256))
         return cls(spec, device, folds)
 
