@@ -343,6 +343,24 @@ def _pack_model(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """`hnseg plan` (tools/plan.py): the cost of the recipe on this case, and its physical limit on a T4."""
+    import json
+
+    from hnseg_infer.io.atomic import write_bytes_atomic
+    from hnseg_infer.tools.plan import plan_text, plan_weights
+
+    try:
+        plans = plan_weights(args.weights or default_weights(), ct=args.ct, pet=args.pet, measure=not args.no_measure)
+        if args.json:
+            write_bytes_atomic(args.json, json.dumps([p.to_dict() for p in plans], indent=1).encode())
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(plan_text(plans))
+    return 0
+
+
 def _check_output(args) -> int:
     try:
         print(check_output(args.input, args.output))
@@ -431,7 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--input", type=Path, required=True, help="the run's input folder (images/ct/*)")
     co.add_argument("--output", type=Path, required=True, help="the run's output folder")
 
+    pl = sub.add_parser("plan", help="per model: grid, tiles, passes, FLOPs from the ONNX graph, the T4 lower "
+                        "bound and the time predicted here from a measured forward pass")
+    pl.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
+    pl.add_argument("--ct", type=Path, required=True)
+    pl.add_argument("--pet", type=Path, default=None)
+    pl.add_argument("--no-measure", action="store_true", help="skip the measured forward pass (large networks)")
+    pl.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "pack-model":
         return _pack_model(args)
     if args.command == "check-output":

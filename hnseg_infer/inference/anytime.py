@@ -180,11 +180,15 @@ class Planner:
                 round(self.inference_end_s + config.reserve_s, 3), "actual_s": None}
 
     def warning(self) -> str | None:
-        if not self.steps:
+        over = self.inference_end_s is not None and self.inference_end_s > self.limit_s(last_stage=True)
+        if not self.steps and not over:
             return None
         parts = [f"{s['model']} {s['kind']} {_dropped_text(s['dropped'])} ({s['decision']})" for s in self.steps]
+        floors = (f"; the floors alone ran until {self.inference_end_s:.1f} s, past the budget less its reserve "
+                  f"({self.limit_s(last_stage=True):g} s): lower the recipe's budget floors or give more time"
+                  if over else "")
         return (f"time budget {self.deadline.budget_s:g} s: {len(self.steps)} refinement(s) left out: "
-                f"{'; '.join(parts)}; the mask is the weighted mean of what ran (report: budget.steps)")
+                f"{'; '.join(parts)}{floors}; the mask is the weighted mean of what ran (report: budget.steps)")
 
 
 def _dropped_text(dropped: dict) -> str:
