@@ -85,11 +85,17 @@ class Segmenter:
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
         self.seconds_per_tile: dict[str, float] = {}  # measured under a budget, kept for the next cases
+        self.recipe_s: float | None = None  # the recipe's load and hashing, when from_weights did it
 
     @classmethod
     def from_weights(cls, weights: str | Path, *, device: str = "auto", allow_trt_build: bool = False) -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
-        return cls(load_recipe(resolve_weights(Path(weights))), device=device, allow_trt_build=allow_trt_build)
+        start = time.perf_counter()
+        recipe = load_recipe(resolve_weights(Path(weights)))  # validated, every file hashed
+        recipe_s = time.perf_counter() - start
+        segmenter = cls(recipe, device=device, allow_trt_build=allow_trt_build)
+        segmenter.recipe_s = recipe_s
+        return segmenter
 
     @property
     def provider(self) -> str:
@@ -183,6 +189,8 @@ class Segmenter:
         for warning in case.warnings:
             report.warn(warning)
         if not self._load_reported:  # the models were loaded once, for this and every later case
+            if self.recipe_s is not None:
+                report.add_stage_time("load_recipe", self.recipe_s)
             report.add_stage_time("load_models", self.load_s)
             self._load_reported = True
         report.set("provider", self.provider)

@@ -108,8 +108,11 @@ def test_process_py_budget_from_the_process_start_and_its_bad_values(tmp_path):
     done = subprocess.run(cmd + ["--output", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
-    budget = json.loads((tmp_path / "r.json").read_text())["budget"]
+    data = json.loads((tmp_path / "r.json").read_text())
+    budget = data["budget"]
     assert budget["time_budget_s"] == 540 and budget["clock_start"] == "process start"
+    startup = [data["stages_s"][k] for k in ("process_start_to_run", "load_recipe", "load_models")]
+    assert all(s > 0 for s in startup) and sum(startup) < budget["actual_s"]  # start-up counts, and is measured
     assert 0 < budget["actual_s"] < 540 and budget["steps"] == []
     env = {**os.environ, "HNSEG_TIME_BUDGET": "0"}
     done = subprocess.run(cmd + ["--output", str(tmp_path / "out0"), "--report", str(tmp_path / "r0.json")],

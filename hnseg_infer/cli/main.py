@@ -106,6 +106,8 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
     report = RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir)
     deadline = _deadline(time_budget_s)
+    # start-up: interpreter and imports until here; the recipe and sessions are stages_s["load_models"]
+    report.add_stage_time("process_start_to_run", time.monotonic() - process_start_s())
     try:
         segmenter = Segmenter.from_weights(weights, device=device, allow_trt_build=allow_trt_build)
     except Terminated as exc:
