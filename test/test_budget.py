@@ -182,3 +182,17 @@ def test_time_budget_values_refused(value):
     with pytest.raises(SystemExit) as exit_:
         main(["predict", "--ct", "a", "--pet", "b", "--out", "c", "--time-budget", value])
     assert exit_.value.code == 2
+
+
+def test_batch_gives_each_case_the_budget_the_first_from_the_process_start(tmp_path):
+    from hnseg_infer.cli.main import main
+
+    ct, pet = small_case()
+    for name in ("a", "b"):
+        write_gc_input(tmp_path / "cases" / name, ct, pet)
+    code = main(["batch", "--input", str(tmp_path / "cases"), "--out", str(tmp_path / "out"), "--weights",
+                 str(_weights(tmp_path)), "--device", "cpu", "--time-budget", "1e6"])
+    assert code == 0
+    starts = [json.loads((tmp_path / "out" / f"{n}.report.json").read_text())["budget"]["clock_start"]
+              for n in ("a", "b")]
+    assert starts == ["process start", "case start"]
