@@ -246,15 +246,22 @@ class Segmenter:
 
     def _run_models_anytime(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
                             clicks: Clicks | None, planner: Planner, last_stage: bool) -> list[Member]:
+        sampling_s = []
+
         def input_of(spec, grid):
             for note in harmonisation_notes(spec, grid):
                 report.warn(f"{prefix}{spec.name}: {note}")
+            start = time.perf_counter()
             with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
-                return build_input(case, grid, spec, clicks=clicks)
+                image_czyx = build_input(case, grid, spec, clicks=clicks)
+            sampling_s.append(time.perf_counter() - start)
+            return image_czyx
 
-        with report.stage(f"{prefix}anytime_passes"):
-            runs = run_stage(stage, self.models, planner, last_stage=last_stage, input_of=input_of,
-                             grid_of=lambda spec: model_grid(spec, roi_box, case.ct_grid))
+        start = time.perf_counter()
+        runs = run_stage(stage, self.models, planner, last_stage=last_stage, input_of=input_of,
+                         grid_of=lambda spec: model_grid(spec, roi_box, case.ct_grid))
+        # the passes of every model of the stage (their sampling is timed on its own above)
+        report.add_stage_time(f"{prefix}anytime_passes", time.perf_counter() - start - sum(sampling_s))
         ensemble = self.ensembles[stage.name]
         members = [ensemble.member(run.spec, run.probabilities(), run.grid) for run in runs]
         report.stage_record(stage.name)["models"] = [
