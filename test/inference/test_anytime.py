@@ -162,6 +162,7 @@ def test_floors_always_run_even_past_the_budget(tmp_path):
     assert records["b"]["folds_run"] == 1
     assert {(s["model"], s["kind"]) for s in planner.steps} == {("a", "folds"), ("a", "mirror_axes"),
                                                                ("b", "folds"), ("b", "mirror_axes")}
+    assert "the floors alone ran until" in planner.warning()  # a budget the floors cannot keep is said so
 
 
 def test_an_unknown_member_is_cut_inside_its_pass_and_a_known_one_skipped_before(tmp_path):
