@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_nnunet.py
 	$(BIN)/python bench/eval_demo.py
 	$(BIN)/python bench/parity_demo_nnunet.py
+	$(BIN)/python bench/bench_budget.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache

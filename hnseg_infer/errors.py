@@ -32,3 +32,9 @@ class OutputError(HnsegError):
 
 class ExportError(HnsegError):
     """A trained model could not be exported, or its export failed the proof of equivalence."""
+
+
+class Terminated(BaseException):
+    """The platform's SIGTERM (grand-challenge sends it at the time limit). A BaseException, as KeyboardInterrupt,
+    so that no handler of Exception swallows it: the adapters catch it, leave nothing under the output folder,
+    write the report with status "terminated" and exit 143."""

@@ -20,8 +20,10 @@ import SimpleITK as sitk
 
 from hnseg_infer.channels.build import build_input, harmonisation_notes, model_grid
 from hnseg_infer.channels.clicks import Clicks, check_before_run, check_landed, load_clicks
+from hnseg_infer.clock import Deadline
 from hnseg_infer.errors import InputError, MissingPetError, RecipeError
 from hnseg_infer.geometry.grid import Box
+from hnseg_infer.inference.anytime import Planner, run_stage
 from hnseg_infer.inference.backend import describe
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
@@ -71,30 +73,40 @@ class Prediction:
 class Segmenter:
     """A recipe with its models loaded: `predict` runs it on one case after another without reloading anything."""
 
-    def __init__(self, recipe: Recipe, *, device: str = "auto", backend: str = "auto", precision: str = "f32"):
+    def __init__(self, recipe: Recipe, *, device: str = "auto", backend: str = "auto", precision: str = "f32",
+                 allow_trt_build: bool = False):
         """Create every model's sessions (validated against the recipe) and choose each stage's ensembling and the
         last stage's restore strategy, once. `backend`: "auto" (OpenVINO on the CPU where it runs the model, else
         onnxruntime), "onnxruntime" or "openvino"; `precision` "bf16" asks OpenVINO for bf16, proven against f32
-        on each model's first tile batch (inference/backend.py)."""
+        on each model's first tile batch (inference/backend.py). `allow_trt_build`: let onnxruntime build a
+        TensorRT engine where no prebuilt one is stamped for this GPU (minutes; by default such a model runs on
+        CUDA)."""
         start = time.perf_counter()
         self.recipe, self.device, self.backend = recipe, device, backend
-        self.models = {spec.name: LoadedModel.load(spec, device=device, backend=backend, precision=precision)
+        self.models = {spec.name: LoadedModel.load(spec, device=device, backend=backend, precision=precision,
+                                                   allow_trt_build=allow_trt_build)
                        for spec in recipe.models}
         self.load_s = time.perf_counter() - start
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
+        self.seconds_per_tile: dict[str, float] = {}  # measured under a budget, kept for the next cases
+        self.recipe_s: float | None = None  # the recipe's load and hashing, when from_weights did it
 
     @classmethod
     def from_weights(cls, weights: str | Path, *, device: str = "auto", backend: str = "auto",
-                     precision: str = "f32") -> "Segmenter":
+                     precision: str = "f32", allow_trt_build: bool = False) -> "Segmenter":
         """A weights folder (recipe.json and its model files), or a folder holding exactly one such folder."""
+        start = time.perf_counter()
         try:
-            recipe = load_recipe(resolve_weights(Path(weights)))
+            recipe = load_recipe(resolve_weights(Path(weights)))  # validated, every file hashed
         except PermissionError as exc:  # a folder or file of the weights this user may not read
             raise RecipeError(f"weights {exc.filename} cannot be read by this user ({exc.strerror}): make the "
                               f"weights folder {weights} readable (chmod -R a+rX)") from exc
-        return cls(recipe, device=device, backend=backend, precision=precision)
+        recipe_s = time.perf_counter() - start
+        segmenter = cls(recipe, device=device, backend=backend, precision=precision, allow_trt_build=allow_trt_build)
+        segmenter.recipe_s = recipe_s
+        return segmenter
 
     @property
     def provider(self) -> str:
@@ -103,27 +115,34 @@ class Segmenter:
     def predict(self, ct: ImageOrPath, pet: ImageOrPath | None = None, *, clicks: Clicks | str | Path | None = None,
                 uncertainty: UncertaintyOptions | bool | None = None, ct_only: bool = False,
                 pet_missing: MissingPetError | None = None, report: RunReport | None = None,
-                ct_series: str | None = None, pet_series: str | None = None) -> Prediction:
+                ct_series: str | None = None, pet_series: str | None = None, time_budget_s: float | None = None,
+                deadline: Deadline | None = None) -> Prediction:
         """Read, validate and predict one case (paths, DICOM series folders or SimpleITK images; `ct_series`,
         `pet_series`: the SeriesInstanceUID to take from a folder holding several). CT-only mode when asked for
         (`ct_only`; a PET given is not read) or when there is no PET (`pet_missing` says where none was found);
         either needs a recipe with "pet_optional": true. `uncertainty`: True or UncertaintyOptions for the recipe's
         maps. `report`: collect into this report (a caller that writes it after a failure passes its own).
+        `time_budget_s` (None or 0: none): seconds from this call within which the case should finish; or
+        `deadline`, counted from elsewhere (the process start, clock.py). Under a budget the models run anytime
+        (inference/anytime.py) and report["budget"] says what was left out; without one it is null.
         Raises HnsegError subclasses on bad input, recipe or model."""
+        deadline = deadline if deadline is not None else Deadline.from_budget(time_budget_s)
         report = report if report is not None else RunReport()
         reason = ct_only_reason(self.recipe, pet=pet, ct_only=ct_only, pet_missing=pet_missing)
         if isinstance(clicks, (str, Path)):
             clicks = load_clicks(Path(clicks))
         with report.stage("read_and_validate"):
             case = load_case(ct, None if reason else pet, ct_series=ct_series, pet_series=pet_series)
-        return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason)
+        return self.predict_case(case, clicks=clicks, uncertainty=uncertainty, report=report, ct_only_reason=reason,
+                                 deadline=deadline)
 
     def predict_case(self, case: Case, *, clicks: Clicks | None = None,
                      uncertainty: UncertaintyOptions | bool | None = None, report: RunReport | None = None,
-                     ct_only_reason: str | None = None) -> Prediction:
-        """Run the recipe on a case already read and validated (`load_case`)."""
+                     ct_only_reason: str | None = None, deadline: Deadline | None = None) -> Prediction:
+        """Run the recipe on a case already read and validated (`load_case`), within `deadline` when given."""
         recipe = self.recipe
         report = report if report is not None else RunReport()
+        planner = None if deadline is None else Planner(deadline, recipe.budget, self.seconds_per_tile)
         if case.ct_only and not recipe.pet_optional:
             raise RecipeError(f"recipe {recipe.name!r} ({recipe.path}) needs PET (it does not set \"pet_optional\": "
                               f"true) but case {case.ct_path} has none: give its PET image")
@@ -137,7 +156,9 @@ class Segmenter:
             prefix = f"{stage.name}: " if len(recipe.stages) > 1 else ""
             roi = self._locate(case, stage, previous, report, prefix)
             rois.append(StageRoi(stage.name, roi))
-            members = self._run_models(case, stage, roi.box, report, prefix, clicks=clicks)
+            last = index == len(recipe.stages) - 1
+            members = self._run_models(case, stage, roi.box, report, prefix, clicks=clicks, planner=planner,
+                                       last_stage=last)
             if index < len(recipe.stages) - 1:
                 previous = self._stage_labels(stage, members, roi.box, report, prefix)
                 del members
@@ -161,6 +182,8 @@ class Segmenter:
         validate_mask(mask, case.ct_grid)
         self._record_engines(report)
         report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+        _record_budget(report, planner)
+        self._report_run_fallbacks(report)
         report.finish("ok")
         return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
 
@@ -182,6 +205,8 @@ class Segmenter:
         for warning in case.warnings:
             report.warn(warning)
         if not self._load_reported:  # the models were loaded once, for this and every later case
+            if self.recipe_s is not None:
+                report.add_stage_time("load_recipe", self.recipe_s)
             report.add_stage_time("load_models", self.load_s)
             self._load_reported = True
         report.set("provider", self.provider)
@@ -193,6 +218,16 @@ class Segmenter:
         for line in dict.fromkeys(line for model in self.models.values() for line in model.fallbacks):
             if line not in report.data["fallbacks"]:
                 report.fallback(line)
+
+    def _report_run_fallbacks(self, report: RunReport) -> None:
+        """The sessions' out-of-memory steps during this case (onnx_engine.py), once each, then forgotten."""
+        for model in self.models.values():
+            for fold in model.folds:
+                lines = getattr(fold, "run_fallbacks", None)  # a session; a test's plain callable has none
+                if lines:
+                    for line in lines:
+                        report.fallback(line)
+                    lines.clear()
 
     def _locate(self, case: Case, stage: StageSpec, previous: StageLabels | None, report: RunReport,
                 prefix: str) -> RoiResult:
@@ -207,8 +242,12 @@ class Segmenter:
         return roi
 
     def _run_models(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
-                    clicks: Clicks | None) -> list[Member]:
-        """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space."""
+                    clicks: Clicks | None, planner: Planner | None = None, last_stage: bool = True) -> list[Member]:
+        """Each model of the stage on its own grid in the ROI: probabilities in the stage's output space (under a
+        budget, the members and passes the planner let run)."""
+        if planner is not None:
+            return self._run_models_anytime(case, stage, roi_box, report, prefix, clicks=clicks, planner=planner,
+                                            last_stage=last_stage)
         ensemble = self.ensembles[stage.name]
         members, records = [], []
         for spec in stage.models:
@@ -225,6 +264,32 @@ class Segmenter:
                             "patch_size_zyx": list(spec.tiling.patch_size_zyx),
                             "mirror_axes_zyx": list(spec.tiling.mirror_axes_zyx)})
         report.stage_record(stage.name)["models"] = records
+        return members
+
+    def _run_models_anytime(self, case: Case, stage: StageSpec, roi_box: Box, report: RunReport, prefix: str, *,
+                            clicks: Clicks | None, planner: Planner, last_stage: bool) -> list[Member]:
+        sampling_s = []
+
+        def input_of(spec, grid):
+            for note in harmonisation_notes(spec, grid):
+                report.warn(f"{prefix}{spec.name}: {note}")
+            start = time.perf_counter()
+            with report.stage(f"{prefix}{spec.name}: sample_and_normalise"):
+                image_czyx = build_input(case, grid, spec, clicks=clicks)
+            sampling_s.append(time.perf_counter() - start)
+            return image_czyx
+
+        start = time.perf_counter()
+        runs = run_stage(stage, self.models, planner, last_stage=last_stage, input_of=input_of,
+                         grid_of=lambda spec: model_grid(spec, roi_box, case.ct_grid))
+        # the passes of every model of the stage (their sampling is timed on its own above)
+        report.add_stage_time(f"{prefix}anytime_passes", time.perf_counter() - start - sum(sampling_s))
+        ensemble = self.ensembles[stage.name]
+        members = [ensemble.member(run.spec, run.probabilities(), run.grid) for run in runs]
+        report.stage_record(stage.name)["models"] = [
+            {"name": run.spec.name, "grid": run.grid.to_dict(), "folds": len(run.sums),
+             "patch_size_zyx": list(run.spec.tiling.patch_size_zyx), "mirror_axes_zyx": list(run.axes)}
+            for run in runs]
         return members
 
     def _stage_labels(self, stage: StageSpec, members: list[Member], roi_box: Box, report: RunReport,
@@ -255,6 +320,18 @@ class Segmenter:
                            paste_grid=roi_grid, paste_slices_zyx=roi_slices_zyx, labels=model_labels)
         report.set("crop", crop)
         return labels_zyx, roi_grid, roi_slices_zyx, model_labels, crop
+
+
+def _record_budget(report: RunReport, planner: Planner | None) -> None:
+    """report["budget"]: null without a budget; else what ran, what was left out, predicted and actual time."""
+    if planner is None:
+        report.set("budget", None)
+        return
+    record = planner.record(clock_start=planner.deadline.label)
+    record["actual_s"] = round(planner.deadline.elapsed_s(), 3)
+    report.set("budget", record)
+    if warning := planner.warning():
+        report.warn(warning)
 
 
 def roi_record(roi: RoiResult) -> dict:

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hnseg_infer.cli.main import CaseOutputs, run_case
+from hnseg_infer.cli.main import EXIT_TERMINATED, CaseOutputs, run_case
 from hnseg_infer.cli.manifest import DONE, input_sha256
-from hnseg_infer.errors import HnsegError, MissingPetError
+from hnseg_infer.errors import HnsegError, MissingPetError, Terminated
 from hnseg_infer.io.sources import CaseSource
 from hnseg_infer.report import RunReport
 from hnseg_infer.segmenter import Segmenter
@@ -34,9 +34,10 @@ def worker_name() -> str:
 
 def run_source_case(segmenter: Segmenter, case: CaseSource, outputs: CaseOutputs, *, recipe_sha: str,
                     attempt: int = 1, ct_only: bool = False, uncertainty_seed: int | None = None,
-                    debug: bool = False) -> dict:
-    """Predict one case and write its files (run_case: the mask atomically, the report whatever happens); the
-    manifest row. A failure is a `failed` row with the one-line message, never an exception."""
+                    debug: bool = False, deadline=None) -> dict:
+    """Predict one case and write its files (run_case: the mask atomically, the report whatever happens), within
+    `deadline` (clock.Deadline) when given; the manifest row. A failure is a `failed` row with the one-line message,
+    never an exception; SIGTERM (Terminated) is raised again once the case's report is written."""
     start = time.perf_counter()
     row = {"case": case.case, "ct": str(case.ct), "pet": str(case.pet or ""), "reference": str(case.reference or ""),
            "recipe_sha256": recipe_sha, "worker": worker_name(), "attempts": attempt}
@@ -48,8 +49,10 @@ def run_source_case(segmenter: Segmenter, case: CaseSource, outputs: CaseOutputs
                 "seconds": round(time.perf_counter() - start, 3)}
     pet_missing = None if case.pet else MissingPetError(f"no PET image for case {case.case} (CT {case.ct})",
                                                         folder=case.ct.parent)
-    run_case(segmenter, ct=case.ct, pet=case.pet, outputs=outputs, report=report, ct_only=ct_only,
-             pet_missing=pet_missing, uncertainty_seed=uncertainty_seed, debug=debug)
+    code = run_case(segmenter, ct=case.ct, pet=case.pet, outputs=outputs, report=report, ct_only=ct_only,
+                    pet_missing=pet_missing, uncertainty_seed=uncertainty_seed, debug=debug, deadline=deadline)
+    if code == EXIT_TERMINATED:
+        raise Terminated(report.data.get("error", "terminated"))
     data = report.data
     row.update(status="ok" if data["status"] == "ok" else "failed", error=data.get("error", ""),
                peak_memory_mib=data.get("peak_memory_mib"))

@@ -8,8 +8,12 @@ nothing is left under the output path, and the run report (status "error") still
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from hnseg_infer.cli.check_output import GC_OUTPUT_RELATIVE, check_output
 from hnseg_infer.cli.console import quiet_libraries, say
-from hnseg_infer.errors import HnsegError, InputError, MissingPetError, OutputError
+from hnseg_infer.clock import Deadline, process_start_s
+from hnseg_infer.errors import HnsegError, InputError, MissingPetError, OutputError, Terminated
 from hnseg_infer.inference.backend import BACKENDS, PRECISIONS
 from hnseg_infer.io.atomic import check_writable_folder, clear_previous
 from hnseg_infer.io.images import discover_inputs, find_single_image, is_dicom_folder, write_image_atomic
@@ -33,6 +38,52 @@ PRECISION_HELP = ("f32 (default) or bf16: OpenVINO in bf16 where this CPU has it
                   "agrees with f32, else f32 with a line in the report")
 BUNDLED_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"  # beside hnseg_infer/: /opt/app/weights
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR = 2, 1
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process ended by SIGTERM
+CONTAINER_TIME_BUDGET_S = 540.0  # a minute of margin under grand-challenge's 10 minutes per case
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the clean-up must not be interrupted
+    raise Terminated("terminated by SIGTERM (the platform's time limit?)")
+
+
+def install_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread: the run stops, leaves nothing under the output folder, writes
+    its report with status "terminated" and exits 143. (Python runs signal handlers in the main thread only.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def exits_143_on_sigterm(command):
+    """A command whose SIGTERM outside a case (while parsing, finding the inputs) still exits 143."""
+    @functools.wraps(command)
+    def wrapped(argv: list[str] | None = None) -> int:
+        install_sigterm()
+        try:
+            return command(argv)
+        except Terminated as exc:
+            print(f"hnseg: {exc}: nothing written", file=sys.stderr)
+            return EXIT_TERMINATED
+    return wrapped
+
+
+def time_budget_arg(value: str) -> float:
+    """--time-budget / HNSEG_TIME_BUDGET: seconds >= 0 (0: none)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"time budget {value!r} is not a number of seconds >= 0: give e.g. 540, or "
+                                         f"0 for none")
+    return seconds
+
+
+def _deadline(budget_s: float | None, *, start_s: float | None = None) -> Deadline | None:
+    """The case's deadline: from the process start (imports and model loading count) unless `start_s` is given."""
+    if start_s is None:
+        return Deadline.from_budget(budget_s, start_s=process_start_s(), label="process start")
+    return Deadline.from_budget(budget_s, start_s=start_s, label="case start")
 
 
 def default_weights() -> Path:
@@ -61,33 +112,43 @@ def run_one(*, ct: Path, pet: Path | None, out: Path, weights: Path, report_path
             debug: bool, qc_png: Path | None = None, sidecar: Path | None = None, clicks: Path | None = None,
             uncertainty_dir: Path | None = None, uncertainty_seed: int | None = None,
             ct_series: str | None = None, pet_series: str | None = None, dicom_seg: Path | None = None,
-            rtstruct: Path | None = None, report: RunReport | None = None) -> int:
-    """Load the weights, predict one case and write its files (see `run_case`). Returns the exit code."""
+            rtstruct: Path | None = None, report: RunReport | None = None, time_budget_s: float | None = None,
+            allow_trt_build: bool = False) -> int:
+    """Load the weights, predict one case and write its files (see `run_case`), within `time_budget_s` from the
+    process start when given. Returns the exit code."""
     report = report if report is not None else RunReport()
     outputs = CaseOutputs(out, report_path, qc_png, sidecar, uncertainty_dir, dicom_seg, rtstruct)
+    deadline = _deadline(time_budget_s)
+    # start-up: interpreter and imports until here; the recipe and sessions are stages_s["load_models"]
+    report.add_stage_time("process_start_to_run", time.monotonic() - process_start_s())
     try:
-        segmenter = Segmenter.from_weights(weights, device=device, backend=backend, precision=precision)
+        segmenter = Segmenter.from_weights(weights, device=device, backend=backend, precision=precision,
+                                           allow_trt_build=allow_trt_build)
+    except Terminated as exc:
+        return _finish(report, outputs.report, exc, debug=debug)
     except Exception as exc:  # noqa: BLE001 - reported as any case error is
         return _finish(report, outputs.report, exc, debug=debug)
     return run_case(segmenter, ct=ct, pet=pet, outputs=outputs, report=report, ct_only=ct_only,
                     pet_missing=pet_missing, clicks=clicks, uncertainty_seed=uncertainty_seed, debug=debug,
-                    ct_series=ct_series, pet_series=pet_series)
+                    ct_series=ct_series, pet_series=pet_series, deadline=deadline)
 
 
 def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseOutputs, report: RunReport | None = None,
              ct_only: bool = False, pet_missing: MissingPetError | None = None, clicks: Path | None = None,
              uncertainty_seed: int | None = None, debug: bool = False, ct_series: str | None = None,
-             pet_series: str | None = None) -> int:
+             pet_series: str | None = None, deadline: Deadline | None = None) -> int:
     """Predict one case with loaded models and write its mask (and, when asked, its QC picture, crop sidecar and
-    uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them. The report is
-    written whatever happens. Returns the exit code."""
+    uncertainty maps first); with `clicks` (a clicks JSON file) the prediction is refined by them; within
+    `deadline` when given. The report is written whatever happens; on SIGTERM (Terminated) the mask is removed
+    if it was already written. Returns the exit code."""
     report = report if report is not None else RunReport()
+    written = False
     try:
         uncertainty = UncertaintyOptions(seed=uncertainty_seed) if outputs.uncertainty_dir else None
         _check_dicom_outputs(ct, outputs)
         prediction = segmenter.predict(ct, pet, ct_only=ct_only, pet_missing=pet_missing, clicks=clicks,
                                        uncertainty=uncertainty, report=report, ct_series=ct_series,
-                                       pet_series=pet_series)
+                                       pet_series=pet_series, deadline=deadline)
         if outputs.qc_png is not None:
             _draw_qc(prediction, outputs.qc_png, case_name=Path(ct).name)
         if outputs.sidecar is not None:
@@ -99,18 +160,27 @@ def run_case(segmenter: Segmenter, *, ct: Path, pet: Path | None, outputs: CaseO
         _write_dicom_outputs(prediction, outputs)
         with report.stage("write"):
             write_image_atomic(prediction.mask, outputs.mask)
+            written = True
         report.set("output", str(outputs.mask))
+        if deadline is not None:
+            report.data["budget"]["actual_s"] = round(deadline.elapsed_s(), 3)  # the write included
         report.finish("ok")
+    except Terminated as exc:
+        if written:
+            outputs.mask.unlink(missing_ok=True)
+        return _finish(report, outputs.report, exc, debug=debug)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: report, never leave a partial output
         return _finish(report, outputs.report, exc, debug=debug)
     return _finish(report, outputs.report, None, debug=debug)
 
 
-def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, *, debug: bool) -> int:
+def _finish(report: RunReport, report_path: Path | None, exc: BaseException | None, *, debug: bool) -> int:
     """Write the report, report the error (one line on stderr), print the summary line; the exit code.
     A report that cannot be written is a warning (on the error's line after an error): it never turns a run, or
-    its mask, into a failure."""
-    if isinstance(exc, HnsegError):
+    its mask, into a failure. SIGTERM (Terminated): status terminated, exit 143."""
+    if isinstance(exc, Terminated):
+        report.finish("terminated", str(exc))
+    elif isinstance(exc, HnsegError):
         report.finish("error", str(exc))
     elif exc is not None:
         report.finish("internal error", f"{type(exc).__name__}: {exc}")
@@ -120,7 +190,9 @@ def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, 
             report.write(report_path)
         except OutputError as error:
             not_written = f"run report not written: {error}"
-    if isinstance(exc, HnsegError):
+    if isinstance(exc, Terminated):
+        say(f"hnseg: {exc}: nothing written" + (f" ({not_written})" if not_written else ""), sys.stderr)
+    elif isinstance(exc, HnsegError):
         say(f"hnseg: error: {exc}" + (f" ({not_written})" if not_written else ""), sys.stderr)
     elif exc is not None:
         say(f"hnseg: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
@@ -132,6 +204,8 @@ def _finish(report: RunReport, report_path: Path | None, exc: Exception | None, 
     say(report.summary_line())
     if exc is None:
         return 0
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED
     return EXIT_USER_ERROR if isinstance(exc, HnsegError) else EXIT_INTERNAL_ERROR
 
 
@@ -216,6 +290,7 @@ def _env_path(name: str, default) -> Path | None:
     return Path(value) if value else (Path(default) if default is not None else None)
 
 
+@exits_143_on_sigterm
 def container_main(argv: list[str] | None = None) -> int:
     """process.py: /input → /output/images/tumor-lymph-node-segmentation/output.mha, as on grand-challenge."""
     parser = argparse.ArgumentParser(prog="process.py", description=container_main.__doc__)
@@ -239,6 +314,13 @@ def container_main(argv: list[str] | None = None) -> int:
                         help="also write probabilities_gtvp/gtvn.mha and entropy.mha (float32, CT grid) to DIR, from "
                              "the recipe's uncertainty passes; keep DIR outside --output on grand-challenge")
     parser.add_argument("--uncertainty-seed", type=int, default=None, help="instead of the recipe's seed")
+    parser.add_argument("--time-budget", type=time_budget_arg, metavar="SECONDS",
+                        default=os.environ.get("HNSEG_TIME_BUDGET", str(CONTAINER_TIME_BUDGET_S)),
+                        help="finish within this many seconds of the process start, dropping refinements that would "
+                             f"not fit (default {CONTAINER_TIME_BUDGET_S:g}; 0: none)")
+    parser.add_argument("--allow-trt-build", action="store_true",
+                        default=os.environ.get("HNSEG_ALLOW_TRT_BUILD") == "1",
+                        help="let onnxruntime build TensorRT engines inside the case where none is prebuilt (minutes)")
     parser.add_argument("--debug", action="store_true", help="print the traceback of internal errors")
     args = parser.parse_args(argv)
     weights = args.weights or default_weights()
@@ -255,7 +337,8 @@ def container_main(argv: list[str] | None = None) -> int:
                        report_path=args.report, device=args.device, backend=args.backend,
                        precision=args.precision, debug=args.debug, qc_png=args.qc,
                        sidecar=args.sidecar, uncertainty_dir=args.uncertainty,
-                       uncertainty_seed=args.uncertainty_seed, report=report)
+                       uncertainty_seed=args.uncertainty_seed, report=report, time_budget_s=args.time_budget,
+                       allow_trt_build=args.allow_trt_build)
 
 
 def _check_container_paths(args, mask: Path, report: RunReport) -> None:
@@ -291,14 +374,14 @@ def _batch(args) -> int:
     try:
         cases = find_cases(args.input).cases
         segmenter = Segmenter.from_weights(args.weights, device=args.device, backend=args.backend,
-                                           precision=args.precision)
+                                           precision=args.precision, allow_trt_build=args.allow_trt_build)
     except HnsegError as exc:
         print(f"hnseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     out = Path(args.out)
     manifest, recipe_sha = Manifest(out / MANIFEST_FILE), recipe_sha256(segmenter.recipe)
     failed = []
-    for case in tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr):
+    for number, case in enumerate(tqdm(cases, desc="hnseg batch", unit="case", file=sys.stderr)):
         name = case.case
         outputs = CaseOutputs(out / f"{name}.mha", out / f"{name}.report.json",
                               out / f"{name}.qc.png" if args.qc else None,
@@ -306,8 +389,13 @@ def _batch(args) -> int:
                               out / f"{name}.uncertainty" if args.uncertainty else None,
                               out / f"{name}.seg.dcm" if args.dicom_seg else None,
                               out / f"{name}.rtstruct.dcm" if args.rtstruct else None)
-        row = run_source_case(segmenter, case, outputs, recipe_sha=recipe_sha, ct_only=args.ct_only,
-                              uncertainty_seed=args.uncertainty_seed, debug=args.debug)
+        # each case gets the budget; the first one's counts from the process start (loading is its cost)
+        deadline = _deadline(args.time_budget, start_s=None if number == 0 else time.monotonic())
+        try:
+            row = run_source_case(segmenter, case, outputs, recipe_sha=recipe_sha, ct_only=args.ct_only,
+                                  uncertainty_seed=args.uncertainty_seed, debug=args.debug, deadline=deadline)
+        except Terminated:  # the case's report says so; the manifest keeps the cases done
+            return EXIT_TERMINATED
         manifest.record(row)
         if row["status"] == "failed":
             failed.append(name)
@@ -399,6 +487,24 @@ def _pack_model(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """`hnseg plan` (tools/plan.py): the cost of the recipe on this case, and its physical limit on a T4."""
+    import json
+
+    from hnseg_infer.io.atomic import write_bytes_atomic
+    from hnseg_infer.tools.plan import plan_text, plan_weights
+
+    try:
+        plans = plan_weights(args.weights or default_weights(), ct=args.ct, pet=args.pet, measure=not args.no_measure)
+        if args.json:
+            write_bytes_atomic(args.json, json.dumps([p.to_dict() for p in plans], indent=1).encode())
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(plan_text(plans))
+    return 0
+
+
 def _check_output(args) -> int:
     try:
         print(check_output(args.input, args.output))
@@ -420,6 +526,7 @@ def _add_dicom_options(parser_: argparse.ArgumentParser) -> None:
                          help="also write the mask as an RTSTRUCT (ROIs GTVp, GTVn) on the CT series (needs --ct DIR)")
 
 
+@exits_143_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hnseg", description="Head-and-neck GTVp/GTVn segmentation in PET/CT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -431,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--debug", action="store_true")
     common.add_argument("--ct-only", action="store_true",
                         help="ignore the PET (zero-filled PET channels); only for recipes with \"pet_optional\": true")
+    common.add_argument("--time-budget", type=time_budget_arg, default=0.0, metavar="SECONDS",
+                        help="finish each case within this many seconds (the first from the process start), dropping "
+                             "refinements that would not fit (default 0: none)")
+    common.add_argument("--allow-trt-build", action="store_true",
+                        help="let onnxruntime build TensorRT engines where none is prebuilt (minutes)")
 
     p = sub.add_parser("predict", parents=[common], help="one case: --ct CT --pet PET --out MASK")
     p.add_argument("--ct", type=Path, required=True)
@@ -506,7 +618,17 @@ def main(argv: list[str] | None = None) -> int:
     co.add_argument("--input", type=Path, required=True, help="the run's input folder (images/ct/*)")
     co.add_argument("--output", type=Path, required=True, help="the run's output folder")
 
+    pl = sub.add_parser("plan", help="per model: grid, tiles, passes, FLOPs from the ONNX graph, the T4 lower "
+                        "bound and the time predicted here from a measured forward pass")
+    pl.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
+    pl.add_argument("--ct", type=Path, required=True)
+    pl.add_argument("--pet", type=Path, default=None)
+    pl.add_argument("--no-measure", action="store_true", help="skip the measured forward pass (large networks)")
+    pl.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
+
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "pack-model":
         return _pack_model(args)
     if args.command == "check-output":
@@ -543,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                        clicks=getattr(args, "clicks", None), uncertainty_dir=args.uncertainty,
                        uncertainty_seed=args.uncertainty_seed, ct_series=getattr(args, "ct_series", None),
                        pet_series=getattr(args, "pet_series", None), dicom_seg=getattr(args, "out_dicom_seg", None),
-                       rtstruct=getattr(args, "out_rtstruct", None))
+                       rtstruct=getattr(args, "out_rtstruct", None), time_budget_s=args.time_budget,
+                       allow_trt_build=args.allow_trt_build)
     return _batch(args)
 
 

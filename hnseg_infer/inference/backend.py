@@ -34,10 +34,11 @@ def runs_on_cpu(device: str) -> bool:
 
 def open_model(path: Path, *, device: str, backend: str = "auto", sha256: str | None = None, patch_zyx=None,
                tile_batch: int = 1, stochastic: bool = False, threads: int | None = None, precision: str = "f32",
-               head: str = "softmax"):
+               head: str = "softmax", allow_trt_build: bool = False):
     """The engine for one model file (a stochastic twin with `stochastic`), chosen as the module says; `patch_zyx`
     and `tile_batch` (the recipe's tiling) let OpenVINO compile at load and choose its performance hint.
-    `precision` "bf16" asks OpenVINO for bf16, proven against f32 on the first batch (`head`: the recipe's)."""
+    `precision` "bf16" asks OpenVINO for bf16, proven against f32 on the first batch (`head`: the recipe's).
+    `allow_trt_build`: onnxruntime may build a TensorRT engine inside the case (inference/tensorrt.py)."""
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
@@ -59,7 +60,7 @@ def open_model(path: Path, *, device: str, backend: str = "auto", sha256: str | 
                 raise _forced(error, path) if isinstance(error, ImportError) else error
             fallback = f"OpenVINO not used for {Path(path).name} ({error}); running on onnxruntime's CPU provider"
     engine = StochasticModel if stochastic else OnnxModel
-    model = engine(path, device=device, sha256=sha256, threads=threads)
+    model = engine(path, device=device, sha256=sha256, threads=threads, allow_trt_build=allow_trt_build)
     if fallback:
         model.fallbacks.insert(0, fallback)
     if precision != "f32":

@@ -40,6 +40,18 @@ _MODEL_FILE_ERRORS = (InvalidProtobuf, InvalidGraph, InvalidArgument, NoSuchFile
 _PROVIDER_ERRORS = (Fail, EPFail, RuntimeException, OrtNotImplemented, RuntimeError, ValueError)
 _RUN_ERRORS = (Fail, EPFail, InvalidArgument, RuntimeException, OrtNotImplemented)
 _INPUT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# How onnxruntime's providers word an allocation failure (BFC arena, CUDA, cuDNN/cuBLAS, TensorRT, the CPU).
+_OUT_OF_MEMORY = ("failed to allocate", "out of memory", "bad_alloc", "alloc_failed", "cudaerrormemoryallocation")
+
+
+class _OutOfMemory(Exception):
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    return any(marker in str(error).lower() for marker in _OUT_OF_MEMORY)
 
 
 def plan_providers(device: str, available: list[str]) -> tuple[list[str], list[str]]:
@@ -68,14 +80,15 @@ class OnnxModel:
     """
 
     def __init__(self, path: Path, *, device: str = "auto", threads: int | None = None,
-                 sha256: str | None = None):
+                 sha256: str | None = None, allow_trt_build: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"{self.path}: model file not found: check the recipe's 'files' and the weights folder")
         if threads is not None and not (isinstance(threads, int) and threads > 0):
             raise ModelError(f"threads must be a positive integer or None, got {threads!r}")
         providers, self.fallbacks = plan_providers(device, ort.get_available_providers())
-        plan = plan_engine(self.path, providers, source_sha256=sha256)  # sha256: the recipe's, saves a re-read
+        plan = plan_engine(self.path, providers, source_sha256=sha256,  # sha256: the recipe's, saves a re-read
+                           allow_build=allow_trt_build)
         self.fallbacks += plan.fallbacks
         self.engine: Path | None = plan.engine  # the TensorRT engine's context model, when one is in use
         self.max_batch: int | None = plan.stamp.profile_max[0] if plan.stamp else None  # the engine's profile
@@ -86,15 +99,41 @@ class OnnxModel:
                                                _session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL))
         self.provider: str = self._session.get_providers()[0]
         self._read_signature()
+        self._threads = threads
+        self.batch_limit: int | None = None  # lowered after running out of memory, kept for later batches
+        self.run_fallbacks: list[str] = []  # out-of-memory steps since the caller last took them
 
     def __call__(self, batch_nczyx: np.ndarray) -> np.ndarray:
-        """float32 logits [N, K, z, y, x] for a [N, C, z, y, x] batch."""
+        """float32 logits [N, K, z, y, x] for a [N, C, z, y, x] batch. Out of memory, the batch is split in halves
+        and retried, down to 1 tile, then the model moves to the CPU provider: each step a line in run_fallbacks."""
         batch = np.asarray(batch_nczyx)
         self._check_batch(batch.shape)
         batch = np.ascontiguousarray(batch, dtype=self._input_dtype)
-        chunk = self.fixed_batch or self.max_batch or len(batch)
-        parts = [self._run_padded(batch[i:i + chunk], self.fixed_batch or 0) for i in range(0, len(batch), chunk)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        while True:
+            chunk = min(self.fixed_batch or self.max_batch or len(batch), self.batch_limit or len(batch))
+            try:
+                parts = [self._run_padded(batch[i:i + chunk], self.fixed_batch or 0)
+                         for i in range(0, len(batch), chunk)]
+                return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            except _OutOfMemory as oom:
+                self._after_out_of_memory(chunk, oom.error)
+
+    def _after_out_of_memory(self, chunk: int, error: Exception) -> None:
+        """Halve the tile batch; at 1 tile (or a fixed-batch model) move to the CPU; on the CPU, give up."""
+        if chunk > 1 and not self.fixed_batch:
+            self.batch_limit = chunk // 2
+            self.run_fallbacks.append(f"{self.path.name}: out of memory on {self.provider} with a tile batch of "
+                                      f"{chunk}; retrying with {chunk // 2}")
+            return
+        if self.provider == CPU:
+            raise ModelError(f"{self.path}: onnxruntime ran out of memory on {CPU} with a batch of {chunk} ({error}): "
+                             f"lower the recipe's tile_batch or patch_size_zyx, or give the machine more memory")
+        self.run_fallbacks.append(f"{self.path.name}: out of memory on {self.provider} with a tile batch of {chunk}; "
+                                  f"running it on {CPU} from here")
+        options = _session_options(self._threads, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        self._session = self._open_session(self.path, [CPU], options)
+        self.provider, self.engine, self.max_batch, self.batch_limit = CPU, None, None, None
+        self._read_signature()
 
     def __repr__(self) -> str:
         engine = f" with engine {self.engine.parent.name}" if self.engine else ""
@@ -178,6 +217,8 @@ class OnnxModel:
         try:
             (logits,) = self._session.run([self._output_name], {self._input_name: chunk})
         except _RUN_ERRORS as error:
+            if is_out_of_memory(error):
+                raise _OutOfMemory(error) from error
             raise ModelError(f"{self.path}: onnxruntime failed on a batch of shape {chunk.shape} with {self.provider} "
                              f"({error}): if it ran out of memory lower the recipe's tile_batch or run with "
                              f"--device cpu") from error

@@ -48,11 +48,13 @@ class LoadedModel:
     _stochastic: tuple[StochasticModel, ...] | None = field(default=None, repr=False)
     backend: str = "auto"
     precision: str = "f32"
+    allow_trt_build: bool = False
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, device: str, backend: str = "auto", precision: str = "f32") -> "LoadedModel":
+    def load(cls, spec: ModelSpec, *, device: str, backend: str = "auto", precision: str = "f32",
+             allow_trt_build: bool = False) -> "LoadedModel":
         """One engine per fold file (the recipe's hash: an engine's stamp is checked on it)."""
-        model = cls(spec, device, (), backend=backend, precision=precision)
+        model = cls(spec, device, (), backend=backend, precision=precision, allow_trt_build=allow_trt_build)
         model.folds = tuple(_checked(model._open(path, sha256), spec) for path, sha256 in zip(spec.files, spec.sha256))
         return model
 
@@ -60,7 +62,8 @@ class LoadedModel:
         spec = self.spec
         return open_model(path, device=self.device, backend=self.backend, sha256=sha256, stochastic=stochastic,
                           patch_zyx=spec.tiling.patch_size_zyx, tile_batch=spec.tiling.tile_batch,
-                          precision="f32" if stochastic else self.precision, head=spec.head.type)
+                          precision="f32" if stochastic else self.precision, head=spec.head.type,
+                          allow_trt_build=self.allow_trt_build)
 
     @property
     def fallbacks(self) -> list[str]:

@@ -36,13 +36,18 @@ TILINGS = values(Tiling)
 def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch_zyx: Sequence[int],
                            n_outputs: int, step_fraction: float = 0.5, tile_batch: int = 1,
                            mirror_axes_zyx: Sequence[int] = (), sigma_fraction: float = 1 / 8,
-                           gaussian: bool = True, tiling: str = "nnunet", overlap: float = 0.25) -> np.ndarray:
+                           gaussian: bool = True, tiling: str = "nnunet", overlap: float = 0.25,
+                           flips_zyx: Sequence[tuple[int, ...]] | None = None,
+                           on_batch: Callable[[int, int], None] | None = None) -> np.ndarray:
     """float32 [K, z, y, x] logits: tiles weighted by a Gaussian (or uniformly) and averaged where they overlap.
 
     `tiling` "nnunet" places tiles by `step_fraction`, "monai" by `overlap` (MONAI's parameter), each with its own
     Gaussian (sigma = patch * sigma_fraction). An axis shorter than the patch is zero-padded symmetrically to the
     patch and cropped back afterwards. With `mirror_axes_zyx`, each tile is predicted 2**len(axes) times (every
     combination of flips) and the logits averaged. Tiles go to `run_batch` `tile_batch` at a time.
+    `flips_zyx` instead runs exactly these flip combinations (each a tuple of axes, () unflipped; the anytime
+    passes run one at a time, inference/anytime.py). `on_batch(tiles_done, n_tiles)` is called after each tile
+    batch (it may raise to stop the pass).
     """
     patch = _check_patch(patch_zyx)
     _check_arguments(image_czyx, n_outputs=n_outputs, step_fraction=step_fraction, tile_batch=tile_batch,
@@ -63,11 +68,16 @@ def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch
     for first in range(0, len(corners), tile_batch):
         boxes = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in corners[first:first + tile_batch]]
         batch = np.stack([image[(slice(None), *box)] for box in boxes])
-        predicted = _predict_mirrored(run_batch, batch, mirror_axes_zyx, n_outputs)
+        if flips_zyx is None:
+            predicted = _predict_mirrored(run_batch, batch, mirror_axes_zyx, n_outputs)
+        else:
+            predicted = _predict_flips(run_batch, batch, flips_zyx, n_outputs)
         predicted *= tile_weights
         for box, tile_logits in zip(boxes, predicted):
             logits[(slice(None), *box)] += tile_logits  # in place: no volume-sized temporary per tile
             weights[box] += tile_weights
+        if on_batch is not None:
+            on_batch(first + len(boxes), len(corners))
     np.divide(logits, weights, out=logits)
     return logits[(slice(None), *crop)]
 
@@ -162,6 +172,28 @@ def _predict_mirrored(run_batch: RunBatch, batch: np.ndarray, mirror_axes_zyx: S
         total += np.flip(_run_checked(run_batch, flipped, n_outputs), axes)
     if flips:
         total /= len(flips) + 1
+    return total
+
+
+def mirror_combinations(mirror_axes_zyx: Sequence[int]) -> list[tuple[int, ...]]:
+    """The flip combinations mirroring over these axes averages: () first, then as _predict_mirrored runs them."""
+    return [(), *(c for r in range(1, len(mirror_axes_zyx) + 1) for c in combinations(mirror_axes_zyx, r))]
+
+
+def _predict_flips(run_batch: RunBatch, batch: np.ndarray, flips_zyx: Sequence[tuple[int, ...]],
+                   n_outputs: int) -> np.ndarray:
+    """The mean of the logits over exactly these flip combinations (axes zyx; () is the unflipped batch)."""
+    if not flips_zyx or any(not set(f) <= {0, 1, 2} for f in flips_zyx):
+        raise ModelError(f"flips_zyx must be a non-empty list of combinations of axes 0, 1, 2, got {flips_zyx!r}")
+    total = None
+    for flip in flips_zyx:
+        axes = tuple(a + 2 for a in flip)
+        source = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
+        out = _run_checked(run_batch, source, n_outputs)
+        out = np.flip(out, axes) if axes else out
+        total = np.array(out, dtype=np.float32) if total is None else np.add(total, out, out=total)
+    if len(flips_zyx) > 1:
+        total /= len(flips_zyx)
     return total
 
 

@@ -154,17 +154,23 @@ class EnginePlan:
 
 
 def plan_engine(model_path: Path, providers: list[str], *, source_sha256: str | None = None,
-                probe: Callable[[], Platform] | None = None) -> EnginePlan:
+                probe: Callable[[], Platform] | None = None, allow_build: bool = False) -> EnginePlan:
     """Use the stamped engine beside `model_path` when its stamp matches this GPU, TensorRT and ONNX file.
 
-    No engine folder, or a CPU-only chain: `providers` unchanged (with cuda, onnxruntime may build its own engine).
-    An engine that does not match: the plain ONNX without TensorRT (an engine built at run time could take
-    minutes of the case's budget) and a fallback line saying exactly why.
+    A CPU-only chain: `providers` unchanged. No engine folder: without TensorRT (an engine built inside a case can
+    take minutes of its budget), with a fallback line, unless `allow_build` (--allow-trt-build) lets onnxruntime
+    build and cache one. An engine that does not match: the plain ONNX without TensorRT and a fallback line saying
+    exactly why.
     """
     folder = engine_dir(model_path)
-    if not folder.is_dir() or providers == ["CPUExecutionProvider"]:
-        return EnginePlan(None, None, providers, [])
     without_trt = [p for p in providers if p != TENSORRT]
+    if providers == ["CPUExecutionProvider"] or (not folder.is_dir() and (allow_build or TENSORRT not in providers)):
+        return EnginePlan(None, None, providers, [])
+    if not folder.is_dir():
+        line = (f"no prebuilt TensorRT engine for {Path(model_path).name}: running it on {without_trt[0]}, since "
+                f"building one inside a case can take minutes (build it beforehand with export/to_tensorrt.py, or "
+                f"pass --allow-trt-build)")
+        return EnginePlan(None, None, without_trt, [line])
     stamp, reason = _check_engine(Path(model_path), folder, providers, source_sha256, probe or probe_platform)
     if reason is not None:
         line = (f"TensorRT engine {folder.name} refused for {Path(model_path).name}: {reason}; running "

@@ -59,8 +59,8 @@ def _labels_zyx(mask: sitk.Image, ct: DicomSeries) -> np.ndarray:
 def segment_descriptions():
     """GTVp and GTVn with SNOMED-CT coded terms; the algorithm is named as hnseg."""
     import highdicom as hd
-    from pydicom.sr.coding import Code
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     algorithm = hd.AlgorithmIdentificationSequence(name="hnseg", version=_version(),
                                                    family=codes.cid7162.ArtificialIntelligence)
@@ -133,7 +133,7 @@ def build_rtstruct(mask: sitk.Image, ct: DicomSeries):
     """The RT structure set (a pydicom Dataset) with ROIs GTVp and GTVn in the CT's frame of reference."""
     require_pydicom()
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     labels = _labels_zyx(mask, ct)
     first, now = ct.first, dt.datetime.now()

@@ -18,6 +18,7 @@ from hnseg_infer.channels.intensity import SOURCES, Op, SpectrumSwap, validate_o
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.geometry.grid import Box, Grid
 from hnseg_infer.io.atomic import file_sha256
+from hnseg_infer.recipe.budget import BudgetConfig, parse_budget
 from hnseg_infer.recipe.frozen import FrozenMap, freeze, thaw
 from hnseg_infer.recipe.vocabulary import (
     ChannelSource,
@@ -229,6 +230,7 @@ class Recipe:
     pet_optional: bool = False
     uncertainty: UncertaintyConfig | None = None  # the optional `uncertainty` block (uncertainty/config.py)
     description: str = ""
+    budget: BudgetConfig = BudgetConfig()  # the optional `budget` block (recipe/budget.py); its defaults if none
 
     def to_json(self) -> dict:
         """recipe.json's content, every default written out; a one-stage recipe named "main" in the flat form."""
@@ -237,6 +239,8 @@ class Recipe:
                "pet_optional": self.pet_optional}
         if self.uncertainty is not None:
             out["uncertainty"] = self.uncertainty.to_dict()
+        if self.budget.declared:
+            out["budget"] = self.budget.to_dict()
         stages = [stage.to_json(folder, last=i == len(self.stages) - 1) for i, stage in enumerate(self.stages)]
         if len(stages) == 1 and stages[0]["name"] == "main":
             out.update({key: value for key, value in stages[0].items() if key != "name"})
@@ -522,6 +526,7 @@ def parse_recipe(raw: dict, path: Path, *, sha256: str = "") -> Recipe:
     description = r.take("description", default="", kind=str)
     pet_optional = r.take("pet_optional", default=False, kind=bool)
     uncertainty = r.take("uncertainty", default=None)
+    budget = r.take("budget", default=None)
     if "stages" in r.obj:  # a cascade
         stage_objs = r.take("stages", kind=list)
         if not stage_objs:
@@ -529,18 +534,20 @@ def parse_recipe(raw: dict, path: Path, *, sha256: str = "") -> Recipe:
         stages = tuple(_stage(obj, f"{where} stages[{i}]", path.parent, first=i == 0,
                               last=i == len(stage_objs) - 1)
                        for i, obj in enumerate(stage_objs))
-        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "stages"))
+        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "budget", "stages"))
     else:  # one stage: its keys at the top level
         stage_keys = ("roi", "models", "postprocess", "restore")
         stage = {"name": "main", **{key: r.obj.pop(key) for key in stage_keys if key in r.obj}}
-        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "stages", *stage_keys))
+        r.done(("schema_version", "name", "description", "pet_optional", "uncertainty", "budget", "stages",
+                *stage_keys))
         stages = (_stage(stage, where, path.parent, first=True, last=True),)
     _check_unique([s.name for s in stages], "stage", where)
     _check_unique([m.name for s in stages for m in s.models], "model", where)
     if uncertainty is not None:
         uncertainty = parse_uncertainty(uncertainty, f"{where} uncertainty")
         check_stage(uncertainty, stages[-1], f"{where} uncertainty")
-    return Recipe(path, name, stages, sha256, pet_optional, uncertainty, description)
+    budget = BudgetConfig() if budget is None else parse_budget(budget, f"{where} budget", stages)
+    return Recipe(path, name, stages, sha256, pet_optional, uncertainty, description, budget)
 
 
 def _stage(obj, where: str, folder: Path, *, first: bool, last: bool = True) -> StageSpec:

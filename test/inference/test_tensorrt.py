@@ -194,8 +194,15 @@ def test_corrupt_stamp_is_refused_not_fatal(model):
     assert f"{folder / trt.STAMP_FILE}: not a readable engine stamp ([Errno 2] No such file" in line
 
 
-def test_no_engine_or_cpu_keeps_todays_plan(model):
-    assert trt.plan_engine(model, GPU_BUILD, probe=_no_probe) == trt.EnginePlan(None, None, GPU_BUILD, [])
+def test_no_engine_runs_cuda_unless_a_build_is_allowed_and_cpu_keeps_its_plan(model):
+    plan = trt.plan_engine(model, GPU_BUILD, probe=_no_probe)  # no engine build inside a case by default
+    assert plan.engine is None and plan.providers == [CUDA, CPU]
+    assert plan.fallbacks == [f"no prebuilt TensorRT engine for {model.name}: running it on {CUDA}, since building "
+                              f"one inside a case can take minutes (build it beforehand with export/to_tensorrt.py, "
+                              f"or pass --allow-trt-build)"]
+    assert trt.plan_engine(model, GPU_BUILD, probe=_no_probe, allow_build=True) == \
+        trt.EnginePlan(None, None, GPU_BUILD, [])
+    assert trt.plan_engine(model, [CUDA, CPU], probe=_no_probe) == trt.EnginePlan(None, None, [CUDA, CPU], [])
     write_engine(model, T4)
     assert trt.plan_engine(model, [CPU], probe=_no_probe) == trt.EnginePlan(None, None, [CPU], [])
 
