@@ -19,7 +19,8 @@ def process_start_s() -> float:
     """This process's start on the time.monotonic() clock (the kernel's start time; this module's import time
     where /proc/self/stat cannot be read)."""
     try:
-        stat = open("/proc/self/stat").read()
+        with open("/proc/self/stat") as file:
+            stat = file.read()
         start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
         age_s = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):

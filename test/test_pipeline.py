@@ -17,6 +17,7 @@ from builders import (
 )
 from conftest import LESION_CENTER_XYZ_MM, small_case
 
+from hnseg_infer.channels.intensity import validate_ops
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
 from hnseg_infer.recipe.load import GridSpec, load_recipe
@@ -101,7 +102,7 @@ def test_ops_before_sampling_clip_the_native_voxels_first(direction):
     centre = native.index_to_physical([3.5, 1.0, 2.0])[0]
     grid = Grid((1, 1, 1), (1.0, 1.0, 1.0), tuple(centre.tolist()), direction)
     case = Case(ct, ct, Path("ct.mha"), Path("pet.mha"), detect_pet_unit(ct))
-    clip = ({"op": "clip", "min": -150.0, "max": 250.0},)
+    clip = validate_ops([{"op": "clip", "min": -150.0, "max": 250.0}], source="ct", where="test")
 
     class Spec:  # build_input reads only the grid's resampling and the channels
         grid = GridSpec((1.0, 1.0, 1.0))

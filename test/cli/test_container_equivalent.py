@@ -30,9 +30,9 @@ IMAGE_PYTHON = "3.10"  # the Dockerfile's base image is Ubuntu 22.04, whose pyth
 
 def image_python() -> Path | None:
     """A Python of the image's version (3.10, the oldest the package supports), if this machine has one."""
-    found = shutil.which(f"python{IMAGE_PYTHON}") or next(
-        iter(sorted(Path.home().glob(f".pyenv/versions/{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}"))), None)
-    return Path(found) if found else None
+    candidates = [*sorted(Path.home().glob(f".pyenv/versions/{IMAGE_PYTHON}.*/bin/python{IMAGE_PYTHON}")),
+                  Path(f"/usr/bin/python{IMAGE_PYTHON}")]  # pyenv's shims are not interpreters
+    return next((path for path in candidates if path.is_file() and os.access(path, os.X_OK)), None)
 
 
 def _can_isolate() -> str | None:

@@ -76,7 +76,7 @@ def test_recipe_is_bigs2s(bigs2):
     recipe = load_recipe(bigs2["weights"])
     (stage,) = recipe.stages
     (model,) = stage.models
-    assert stage.roi.method == "pet_threshold_head_neck_box" and stage.roi.params["size_mm"] == [200.0, 200.0, 310.0]
+    assert stage.roi.method == "pet_threshold_head_neck_box" and stage.roi.params["size_mm"] == (200.0, 200.0, 310.0)
     assert model.grid.spacing_xyz_mm == (1.0, 1.0, 1.0) and model.tiling.patch_size_zyx == (192, 192, 192)
     assert model.fold_average == "logits" and model.tiling.kind == "monai"
     assert model.tiling.gaussian and model.tiling.overlap == 0.25
@@ -134,9 +134,9 @@ def test_end_to_end_through_process_py(bigs2):
     report = json.loads(report_path.read_text())
     assert code == 0 and report["status"] == "ok", report.get("error")
     name = "bigs2_segresnet"
-    assert list(report["stages_s"]) == ["read_and_validate", "load_models", "locate_roi",
-                                        f"{name}: sample_and_normalise", f"{name}: sliding_window",
-                                        "restore_to_ct_and_decode", "postprocess", "write"]
+    expected = ["read_and_validate", "load_models", "locate_roi", f"{name}: sample_and_normalise",
+                "anytime_passes", "restore_to_ct_and_decode", "postprocess", "write"]  # process.py's default budget
+    assert [s for s in report["stages_s"] if s in expected] == expected
     (stage,) = report["stages"]
     assert stage["roi"]["method"] == "pet_threshold_head_neck_box" and stage["roi"]["fell_back"] is False
     assert stage["roi"]["box"]["size_xyz_mm"] == [200.0, 200.0, 310.0]
