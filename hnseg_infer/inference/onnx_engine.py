@@ -27,6 +27,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import (
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 
 from hnseg_infer.errors import ModelError
+from hnseg_infer.inference.batch import check_batch
 from hnseg_infer.inference.tensorrt import TENSORRT, plan_engine
 
 CPU = "CPUExecutionProvider"
@@ -198,16 +199,7 @@ class OnnxModel:
         self.n_outputs: int | None = k if isinstance(k, int) and k > 0 else None
 
     def _check_batch(self, shape: tuple[int, ...]) -> None:
-        """Say what is wrong with a batch in our terms, before onnxruntime says it in its own."""
-        if len(shape) != 5 or shape[0] == 0:
-            raise ModelError(f"{self.path}: given an array of shape {shape}; the model takes a non-empty 5-D "
-                             f"[N, C, z, y, x] batch")
-        if self.n_input_channels is not None and shape[1] != self.n_input_channels:
-            raise ModelError(f"{self.path}: given {shape[1]} channels, the model takes {self.n_input_channels}: "
-                             f"fix the recipe's 'channels'")
-        if self.patch_zyx is not None and tuple(shape[2:]) != self.patch_zyx:
-            raise ModelError(f"{self.path}: given tiles of {tuple(shape[2:])}, the model is fixed to "
-                             f"{self.patch_zyx}: set the recipe's patch_size_zyx to it")
+        check_batch(self.path, shape, n_input_channels=self.n_input_channels, patch_zyx=self.patch_zyx)
 
     def _run_padded(self, chunk: np.ndarray, pad_to: int) -> np.ndarray:
         """Run one chunk, zero-filled up to `pad_to` items (a fixed-batch model's last chunk), extra items dropped."""

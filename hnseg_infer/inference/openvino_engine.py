@@ -33,6 +33,7 @@ from openvino.frontend import FrontEndManager, GeneralFailure, OpConversionFailu
 from hnseg_infer.errors import ModelError
 from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP16, TOLERANCE_FP16, compare_logits
 from hnseg_infer.inference.backend import PRECISIONS, BackendRefused
+from hnseg_infer.inference.batch import check_batch
 
 PROVIDER = "OpenVINO CPU"
 SMALL_TILE_VOXELS = 64**3  # at most this many voxels per tile: THROUGHPUT with one tile per request
@@ -126,16 +127,7 @@ class OpenVinoModel:
         self.n_outputs = out[1] if len(out) == 5 else None
 
     def _check_batch(self, shape: tuple[int, ...]) -> None:
-        """Say what is wrong with a batch in our terms, before OpenVINO says it in its own."""
-        if len(shape) != 5 or shape[0] == 0:
-            raise ModelError(f"{self.path}: given an array of shape {shape}; the model takes a non-empty 5-D "
-                             f"[N, C, z, y, x] batch")
-        if self.n_input_channels is not None and shape[1] != self.n_input_channels:
-            raise ModelError(f"{self.path}: given {shape[1]} channels, the model takes {self.n_input_channels}: "
-                             f"fix the recipe's 'channels'")
-        if self.patch_zyx is not None and tuple(shape[2:]) != self.patch_zyx:
-            raise ModelError(f"{self.path}: given tiles of {tuple(shape[2:])}, the model is fixed to "
-                             f"{self.patch_zyx}: set the recipe's patch_size_zyx to it")
+        check_batch(self.path, shape, n_input_channels=self.n_input_channels, patch_zyx=self.patch_zyx)
 
     # ------------------------------------------------------------------------------------------ compile and run
 
