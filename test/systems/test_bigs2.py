@@ -135,7 +135,7 @@ def test_end_to_end_through_process_py(bigs2):
     assert code == 0 and report["status"] == "ok", report.get("error")
     name = "bigs2_segresnet"
     expected = ["read_and_validate", "load_models", "locate_roi", f"{name}: sample_and_normalise",
-                "anytime_passes", "restore_to_ct_and_decode", "postprocess", "write"]  # process.py's default budget
+                f"{name}: sliding_window", "restore_to_ct_and_decode", "postprocess", "write"]
     assert [s for s in report["stages_s"] if s in expected] == expected
     (stage,) = report["stages"]
     assert stage["roi"]["method"] == "pet_threshold_head_neck_box" and stage["roi"]["fell_back"] is False

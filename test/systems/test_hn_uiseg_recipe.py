@@ -93,7 +93,7 @@ def test_stages_crop_and_grid_are_as_specified(run):
     report = run["report"]
     stages = list(report["stages_s"])
     expected = ["read_and_validate", "load_models", "locate_roi", "hn_uiseg: sample_and_normalise",
-                "anytime_passes", "restore_to_ct_and_decode", "postprocess", "uncertainty",
+                "hn_uiseg: sliding_window", "restore_to_ct_and_decode", "postprocess", "uncertainty",
                 "write_uncertainty", "write"]
     assert [s for s in stages if s in expected] == expected
     assert report["roi"]["method"] == "pet_threshold_head_neck_box"

@@ -96,7 +96,7 @@ def test_snu_crop_is_the_brain_peak_head_crop(snu_run):
     (model,) = report["stages"][0]["models"]
     assert model["grid"]["size_xyz"] == [256, 256, 112] and model["grid"]["spacing_xyz_mm"] == [1.0, 1.0, 3.0]
     assert model["patch_size_zyx"] == [112, 256, 256]  # one window: the whole crop
-    assert {"locate_roi", "snu: sample_and_normalise", "anytime_passes", "restore_to_ct_and_decode",
+    assert {"locate_roi", "snu: sample_and_normalise", "snu: sliding_window", "restore_to_ct_and_decode",
             "sidecar", "write"} <= set(report["stages_s"])
 
 
