@@ -42,7 +42,8 @@ from hnseg_infer.inference.tensorrt import (
     probe_platform,
 )
 from hnseg_infer.io.atomic import file_sha256
-from hnseg_infer.recipe.load import ModelSpec, load_recipe
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.recipe.spec import ModelSpec
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # The fp16 bar of the exports (hnseg_infer.inference.agreement): an fp16 engine against the fp32 ONNX on CUDA.

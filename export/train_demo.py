@@ -56,7 +56,8 @@ from hnseg_infer.channels.build import build_input, model_grid  # noqa: E402
 from hnseg_infer.channels.intensity import validate_ops  # noqa: E402
 from hnseg_infer.geometry.grid import Box, Grid, sample_labels  # noqa: E402
 from hnseg_infer.io.images import Case, detect_pet_unit  # noqa: E402
-from hnseg_infer.recipe.load import ChannelSpec, GridSpec, load_recipe  # noqa: E402
+from hnseg_infer.recipe.load import load_recipe  # noqa: E402
+from hnseg_infer.recipe.spec import ChannelSpec, GridSpec  # noqa: E402
 from hnseg_infer.recipe.vocabulary import GridSpacing, Interpolation, Orientation, Resampling  # noqa: E402
 from hnseg_infer.roi.locate import StageLabels, locate_roi  # noqa: E402
 

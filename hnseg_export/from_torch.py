@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import torch
 
 from hnseg_infer.errors import ExportError, RecipeError
 from hnseg_infer.io.atomic import file_sha256
-from hnseg_infer.recipe.load import RESTORES, ModelSpec
-from hnseg_infer.recipe.load import parse_model as validate_model_entry
+from hnseg_infer.recipe.parse import RESTORES, parse_model
+from hnseg_infer.recipe.spec import ModelSpec
 
 from .onnx_export import (
     OUTPUT_NAME,
@@ -150,17 +149,14 @@ def _file_safe(name: str) -> str:
 
 def _validate_early(spec: dict, roi: dict, postprocess: dict, *, spec_path: Path,
                     fold_names: list[str]) -> ModelSpec:
-    """The recipe validator on the spec (with placeholder files), the ROI and the post-processing: a mistake
-    there costs seconds, not an export. Returns the validated model entry."""
+    """The recipe's parser on the spec (it reads no file, so the folds' files need not exist yet), the ROI and the
+    post-processing: a mistake there costs seconds, not an export. Returns the parsed model entry."""
     check_roi_and_postprocess(roi, postprocess)
-    with tempfile.TemporaryDirectory() as folder:
-        files = [f"{fold}.onnx" for fold in fold_names]
-        for file in files:
-            (Path(folder) / file).touch()
-        try:
-            return validate_model_entry({**spec, "files": files}, f"--model-spec {spec_path}", Path(folder))
-        except RecipeError as error:
-            raise ExportError(f"{error}: fix the spec file") from error
+    files = [f"{fold}.onnx" for fold in fold_names]
+    try:
+        return parse_model({**spec, "files": files}, f"--model-spec {spec_path}", Path(spec_path).parent)
+    except RecipeError as error:
+        raise ExportError(f"{error}: fix the spec file") from error
 
 
 # ------------------------------------------------------------------------------------------------- the network

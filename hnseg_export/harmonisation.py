@@ -22,7 +22,9 @@ from hnseg_infer.errors import ExportError, HnsegError
 from hnseg_infer.geometry.grid import Box, Grid, sample
 from hnseg_infer.io.atomic import file_sha256, write_atomic
 from hnseg_infer.io.images import FILL_VALUE, load_case
-from hnseg_infer.recipe.load import RECIPE_FILE, ModelSpec, StageSpec, load_recipe, parse_recipe
+from hnseg_infer.recipe.load import RECIPE_FILE, load_files, load_recipe
+from hnseg_infer.recipe.parse import parse_recipe
+from hnseg_infer.recipe.spec import ModelSpec, StageSpec
 from hnseg_infer.roi.locate import NEEDS_PREVIOUS_STAGE, box_size_mm, locate_roi
 
 
@@ -121,7 +123,7 @@ def _write(weights: Path, file_name: str, block, size_zyx, *, stage: StageSpec, 
     entry.setdefault("provenance", {})["harmonisation"] = record
     save_reference(reference_path, block, size_zyx)
     try:
-        recipe = parse_recipe(raw, recipe_path)  # written by the runtime's own writer, then read back
+        recipe = load_files(parse_recipe(raw, recipe_path))  # written by the runtime's own writer, then read back
         _write_text_atomic(recipe_path, json.dumps(recipe.to_json(), indent=2) + "\n")
         load_recipe(weights)
     except (HnsegError, OSError) as error:

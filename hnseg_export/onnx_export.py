@@ -23,7 +23,9 @@ from hnseg_infer.inference.agreement import (
     compare_logits,
 )
 from hnseg_infer.io.atomic import write_atomic
-from hnseg_infer.recipe.load import RECIPE_FILE, SCHEMA_VERSION, load_recipe, parse_recipe
+from hnseg_infer.recipe.load import RECIPE_FILE, load_files, load_recipe
+from hnseg_infer.recipe.parse import parse_recipe
+from hnseg_infer.recipe.spec import SCHEMA_VERSION
 from hnseg_infer.restore.postprocess import PostprocessConfig
 from hnseg_infer.roi.locate import check_params
 
@@ -234,7 +236,7 @@ def write_recipe(folder: Path, *, name: str, description: str, roi: dict, models
            **({"uncertainty": uncertainty} if uncertainty is not None else {})}
     path = Path(folder) / RECIPE_FILE
     try:
-        recipe = parse_recipe(raw, path)
+        recipe = load_files(parse_recipe(raw, path))  # the files hashed: the recipe records their sha256
         write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(recipe.to_json(), indent=2) + "\n"))
         written = load_recipe(folder)
     except HnsegError as error:

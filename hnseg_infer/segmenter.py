@@ -28,7 +28,8 @@ from hnseg_infer.inference.backend import describe
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
 from hnseg_infer.io.sidecar import crop_record
-from hnseg_infer.recipe.load import Recipe, StageSpec, load_recipe, resolve_weights
+from hnseg_infer.recipe.load import load_recipe, resolve_weights
+from hnseg_infer.recipe.spec import Recipe, StageSpec
 from hnseg_infer.report import RunReport, label_volumes
 from hnseg_infer.restore.ensemble import Ensemble, Member, paste
 from hnseg_infer.restore.paste_back import ModelLabels
@@ -62,12 +63,6 @@ class Prediction:
     case: Case
     uncertainty: UncertaintyMaps | None = None
     model_labels: ModelLabels | None = None
-
-    def roi_boxes(self) -> list[tuple[str, Box]]:
-        """(name, box) per ROI, named as the QC picture shows them: the stage names of a cascade, else the method."""
-        if len(self.rois) == 1:
-            return [(f"roi ({self.rois[0].roi.method})", self.rois[0].roi.box)]
-        return [(r.stage, r.roi.box) for r in self.rois]
 
 
 class Segmenter:

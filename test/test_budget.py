@@ -15,8 +15,8 @@ import SimpleITK as sitk
 from builders import model_entry, write_weights
 from conftest import GC_OUTPUT, REPO, files_under, small_case, write_gc_input
 
-from hnseg_infer.clock import Deadline
 from hnseg_infer.cli.main import EXIT_TERMINATED, CaseOutputs, install_sigterm, run_case
+from hnseg_infer.clock import Deadline
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.segmenter import Segmenter
 

@@ -2,7 +2,6 @@
 import is a deliberate, lazy one), and the tools (phantoms, metrics, QC) off the inference path."""
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 

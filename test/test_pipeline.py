@@ -20,7 +20,8 @@ from conftest import LESION_CENTER_XYZ_MM, small_case
 from hnseg_infer.channels.intensity import validate_ops
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.images import Case, detect_pet_unit
-from hnseg_infer.recipe.load import GridSpec, load_recipe
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.recipe.spec import GridSpec
 from hnseg_infer.segmenter import Segmenter
 
 
@@ -90,7 +91,7 @@ def test_ops_before_sampling_clip_the_native_voxels_first(direction):
     """An air/body edge (−1000 | 30 HU) sampled halfway between two voxels with a clip to [−150, 250]: clipping
     first (nnU-Net's order) gives the mean of −150 and 30; sampling first gives the clip of −485."""
     from hnseg_infer.channels.build import build_input
-    from hnseg_infer.recipe.load import ChannelSpec
+    from hnseg_infer.recipe.spec import ChannelSpec
 
     ct = sitk.GetImageFromArray(np.where(np.arange(8) < 4, -1000.0, 30.0)[None, None, :].repeat(4, 0).repeat(4, 1)
                                 .astype(np.float32))

@@ -11,7 +11,7 @@ from hnseg_infer.channels.clicks import encode as encode_clicks
 from hnseg_infer.channels.intensity import SpectrumSwap, apply_ops
 from hnseg_infer.geometry.grid import IDENTITY, INTERPOLATORS, Box, Grid, sample, sample_nnunet
 from hnseg_infer.io.images import FILL_VALUE, Case
-from hnseg_infer.recipe.load import ChannelSpec, ModelSpec
+from hnseg_infer.recipe.spec import ChannelSpec, ModelSpec
 
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # grid axes towards Right, Anterior, Superior (in LPS terms)
 
@@ -79,7 +79,7 @@ def _around(image: sitk.Image, grid: Grid, *, margin: int = 3) -> sitk.Image:
 def harmonisation_notes(spec: ModelSpec, grid: Grid) -> list[str]:
     """What a model's spectrum_swap ops do on a grid whose size is not their reference's (a mapped reference)."""
     return [note for channel in spec.channels for op in channel.ops if isinstance(op, SpectrumSwap)
-            if (note := op.reference.block_for(grid.size_zyx, op.radius)[1])]
+            if (note := op.spectrum.block_for(grid.size_zyx, op.radius)[1])]
 
 
 def _ops_then_sample(image: sitk.Image, grid: Grid, channel: ChannelSpec, suv_factor: float, resample) -> np.ndarray:

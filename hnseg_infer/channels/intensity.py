@@ -9,7 +9,7 @@ over the model's input grid.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -183,39 +183,46 @@ class Suv(Op):
 @dataclass(frozen=True)
 class SpectrumSwap(Op):
     """CT harmonisation (harmonise.py): each axial slice's low-frequency DCT block replaced by the reference's. The
-    recipe names the reference file in its folder; it is loaded (and hashed) when the recipe is."""
+    recipe names the reference file in its folder (`reference`); parsing keeps the name, and loading the recipe's
+    files (recipe/load.py) reads it into `spectrum`."""
 
     name: ClassVar[str] = "spectrum_swap"
     sources: ClassVar[tuple[str, ...]] = ("ct",)
-    reference: SpectrumReference
+    reference: str  # the file's name in the recipe's folder
     radius: int = DEFAULT_RADIUS
+    # Not a recipe key: the loaded file. Two ops naming the same file compare equal; its sha256 is reported.
+    spectrum: SpectrumReference | None = field(default=None, compare=False, metadata={"loaded": True})
 
     def apply(self, x, suv_per_stored_value):
-        return harmonise(x, reference=self.reference, radius=self.radius)
+        if self.spectrum is None:
+            raise RecipeError(f"op 'spectrum_swap': its reference {self.reference} was parsed but not loaded: load the "
+                              f"recipe with load_recipe (or the ops with load_spectra)")
+        return harmonise(x, reference=self.spectrum, radius=self.radius)
 
     def to_json(self) -> dict:
-        return {"op": self.name, "reference": self.reference.path.name, "radius": self.radius}
+        return {"op": self.name, "reference": self.reference, "radius": self.radius}
 
 
 OPS: dict[str, type[Op]] = {op.name: op for op in (Window, Clip, MinMax, ZScore, NnunetCt, MinOverStd, Sigmoid, Power,
                                                     Cbrt, Scale, Suv, SpectrumSwap)}
 
 
-def validate_ops(ops: list, *, source: str, where: str, folder: Path | None = None) -> tuple[Op, ...]:
-    """A channel's op list, parsed once at recipe load; RecipeError naming the op and key at fault. `folder` (the
-    recipe's) holds the files ops name (a `spectrum_swap` reference, loaded here)."""
-    return tuple(parse_op(op, i, source=source, where=where, folder=folder) for i, op in enumerate(ops))
+def validate_ops(ops: list, *, source: str, where: str) -> tuple[Op, ...]:
+    """A channel's op list, parsed once at recipe load (no file read: see load_spectra); RecipeError naming the op
+    and key at fault."""
+    return tuple(parse_op(op, i, source=source, where=where) for i, op in enumerate(ops))
 
 
-def parse_op(raw, index: int, *, source: str, where: str, folder: Path | None = None) -> Op:
+def parse_op(raw, index: int, *, source: str, where: str) -> Op:
     if not isinstance(raw, dict) or "op" not in raw:
         raise RecipeError(f"{where}: ops[{index}] must be an object with an 'op' key, got {raw!r}")
     name = raw["op"]
     if name not in OPS:
         raise RecipeError(f"{where}: unknown op {name!r} in ops[{index}]; known ops: {', '.join(sorted(OPS))}")
     kind = OPS[name]
-    required = {f.name for f in fields(kind) if f.default is MISSING}
-    allowed = {f.name for f in fields(kind)}
+    keys = [f for f in fields(kind) if not f.metadata.get("loaded")]
+    required = {f.name for f in keys if f.default is MISSING}
+    allowed = {f.name for f in keys}
     params = {key: value for key, value in raw.items() if key != "op"}
     if missing := required - set(params):
         raise RecipeError(f"{where}: op {name!r} misses {sorted(missing)}")
@@ -225,7 +232,7 @@ def parse_op(raw, index: int, *, source: str, where: str, folder: Path | None = 
         raise RecipeError(f"{where}: op {name!r} applies only to a {' or '.join(map(repr, kind.sources))} source, "
                           f"not {source!r}")
     if kind is SpectrumSwap:
-        params["reference"] = _load_spectrum_reference(params, where=where, folder=folder)
+        _check_spectrum_swap(params, where=where)
     else:
         params = {key: _typed(value, name, key, where) for key, value in params.items()}
     op = kind(**params)
@@ -250,8 +257,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _load_spectrum_reference(params: dict, *, where: str, folder: Path | None) -> SpectrumReference:
-    """The op's reference file resolved in the recipe's folder and loaded."""
+def _check_spectrum_swap(params: dict, *, where: str) -> None:
     radius = params.get("radius", DEFAULT_RADIUS)
     if not isinstance(radius, int) or isinstance(radius, bool) or radius < 1:
         raise RecipeError(f"{where}: op 'spectrum_swap' radius must be an integer >= 1, got {radius!r}")
@@ -260,10 +266,13 @@ def _load_spectrum_reference(params: dict, *, where: str, folder: Path | None) -
             reference).parts:
         raise RecipeError(f"{where}: op 'spectrum_swap' reference must be a file name in the recipe's folder, got "
                           f"{reference!r}")
-    if folder is None:
-        raise RecipeError(f"{where}: op 'spectrum_swap' names a file ({reference}) but these ops belong to no "
-                          f"weights folder; add it to an exported recipe with export/make_harmonisation_reference.py")
-    return load_reference(Path(folder) / reference, radius=radius, where=f"{where}: op 'spectrum_swap'")
+
+
+def load_spectra(ops: tuple[Op, ...], *, folder: Path, where: str) -> tuple[Op, ...]:
+    """The ops with each `spectrum_swap` reference read from `folder` (the recipe's) and checked."""
+    return tuple(replace(op, spectrum=load_reference(Path(folder) / op.reference, radius=op.radius,
+                                                     where=f"{where}: op 'spectrum_swap'"))
+                 if isinstance(op, SpectrumSwap) else op for op in ops)
 
 
 def apply_ops(x: np.ndarray, ops: tuple[Op, ...], *, suv_per_stored_value: float) -> np.ndarray:

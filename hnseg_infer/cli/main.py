@@ -210,12 +210,12 @@ def _finish(report: RunReport, report_path: Path | None, exc: BaseException | No
 
 
 def _draw_qc(prediction: Prediction, qc_png: Path, *, case_name: str) -> None:
-    from hnseg_infer.tools.qc import draw_qc
+    from hnseg_infer.tools.qc import boxes_of, draw_qc
 
     report, case = prediction.report, prediction.case
     with report.stage("qc_picture"):
         pet = case.pet if not case.ct_only else _blank_like(case.ct)  # CT-only: an empty PET row and MIP
-        draw_qc(ct=case.ct, pet=pet, mask=prediction.mask, boxes=prediction.roi_boxes(), out_png=qc_png,
+        draw_qc(ct=case.ct, pet=pet, mask=prediction.mask, boxes=boxes_of(prediction.rois), out_png=qc_png,
                 case=case_name, suv_per_stored_value=case.suv_per_stored_value,
                 title="CT-only mode: no PET" if case.ct_only else "")
     report.set("qc_picture", str(qc_png))

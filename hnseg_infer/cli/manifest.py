@@ -16,7 +16,7 @@ from pathlib import Path
 from hnseg_infer.errors import InputError
 from hnseg_infer.io.atomic import file_sha256, write_bytes_atomic
 from hnseg_infer.io.sources import CaseSource
-from hnseg_infer.recipe.load import Recipe
+from hnseg_infer.recipe.spec import Recipe
 
 MANIFEST_FILE = "manifest.csv"
 COLUMNS = ["case", "status", "error", "ct", "pet", "reference", "ct_sha256", "pet_sha256", "recipe_sha256",

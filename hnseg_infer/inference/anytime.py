@@ -29,7 +29,7 @@ from hnseg_infer.inference.sliding_window import (
     tile_starts_zyx,
 )
 from hnseg_infer.recipe.budget import BudgetConfig
-from hnseg_infer.recipe.load import ModelSpec, StageSpec
+from hnseg_infer.recipe.spec import ModelSpec, StageSpec
 
 
 class StepCut(Exception):

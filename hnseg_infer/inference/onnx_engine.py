@@ -206,15 +206,20 @@ class OnnxModel:
         n = len(chunk)
         if n < pad_to:
             chunk = np.concatenate([chunk, np.zeros((pad_to - n, *chunk.shape[1:]), chunk.dtype)])
+        return self._session_run({self._input_name: chunk}, chunk.shape, out_of_memory=_OutOfMemory)[:n]
+
+    def _session_run(self, feed: dict, shape: tuple[int, ...], *, out_of_memory=None) -> np.ndarray:
+        """The session's output for `feed` as float32; its failure a ModelError naming the model, or, out of
+        memory, `out_of_memory(error)` when given (the tile batch halving of __call__)."""
         try:
-            (logits,) = self._session.run([self._output_name], {self._input_name: chunk})
+            (logits,) = self._session.run([self._output_name], feed)
         except _RUN_ERRORS as error:
-            if is_out_of_memory(error):
-                raise _OutOfMemory(error) from error
-            raise ModelError(f"{self.path}: onnxruntime failed on a batch of shape {chunk.shape} with {self.provider} "
+            if out_of_memory is not None and is_out_of_memory(error):
+                raise out_of_memory(error) from error
+            raise ModelError(f"{self.path}: onnxruntime failed on a batch of shape {shape} with {self.provider} "
                              f"({error}): if it ran out of memory lower the recipe's tile_batch or run with "
                              f"--device cpu") from error
-        return logits[:n].astype(np.float32, copy=False)
+        return logits.astype(np.float32, copy=False)
 
 
 def _session_options(threads: int | None, level: ort.GraphOptimizationLevel) -> ort.SessionOptions:

@@ -13,7 +13,7 @@ from hnseg_infer.inference.backend import open_model
 from hnseg_infer.inference.onnx_engine import OnnxModel
 from hnseg_infer.inference.sliding_window import predict_sliding_window
 from hnseg_infer.inference.stochastic import StochasticModel
-from hnseg_infer.recipe.load import HeadSpec, ModelSpec
+from hnseg_infer.recipe.spec import HeadSpec, ModelSpec
 
 
 def activate(logits_kzyx: np.ndarray, head: HeadSpec) -> np.ndarray:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from hnseg_infer.errors import ModelError
-from hnseg_infer.inference.onnx_engine import _RUN_ERRORS, OnnxModel
+from hnseg_infer.inference.onnx_engine import OnnxModel
 
 MODULUS = 2**31 - 1
 SITE_STRIDE = 104_729  # the 10 000th prime: separates the dropout sites' streams
@@ -95,13 +95,7 @@ class StochasticModel(OnnxModel):
         self._check_batch(batch.shape)
         feed = {"input": batch, SEED_INPUT: np.asarray(seeds, np.int64).reshape(len(batch)),
                 RATE_INPUT: np.array(rate, np.float32)}
-        try:
-            (logits,) = self._session.run([self._output_name], feed)
-        except _RUN_ERRORS as error:
-            raise ModelError(f"{self.path}: onnxruntime failed on a batch of shape {batch.shape} with "
-                             f"{self.provider} ({error}): if it ran out of memory lower the recipe's tile_batch or "
-                             f"run with --device cpu") from error
-        return logits.astype(np.float32, copy=False)
+        return self._session_run(feed, batch.shape)
 
 
 class StochasticRun:

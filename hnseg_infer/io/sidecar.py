@@ -22,7 +22,7 @@ from hnseg_infer.errors import InputError, OutputError
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.io.atomic import write_bytes_atomic
 from hnseg_infer.io.images import Case
-from hnseg_infer.recipe.load import StageSpec
+from hnseg_infer.recipe.spec import StageSpec
 from hnseg_infer.restore.paste_back import ModelLabels, paste_nearest
 from hnseg_infer.restore.postprocess import PostprocessConfig, postprocess
 

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from hnseg_infer.geometry.grid import Grid, sample, sample_nnunet
 from hnseg_infer.labels import LABELS
-from hnseg_infer.recipe.load import HeadSpec, ModelSpec
+from hnseg_infer.recipe.spec import HeadSpec, ModelSpec
 from hnseg_infer.recipe.vocabulary import Resampling
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hnseg_infer.geometry.grid import Grid
-from hnseg_infer.recipe.load import StageSpec
+from hnseg_infer.recipe.spec import StageSpec
 from hnseg_infer.restore.ensemble import Ensemble, Member
 from hnseg_infer.restore.paste_back import ModelLabels, paste_nearest
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.io.atomic import write_atomic
-from hnseg_infer.recipe.load import Recipe, load_recipe, resolve_weights, spectrum_references
+from hnseg_infer.recipe.load import load_recipe, resolve_weights
+from hnseg_infer.recipe.spec import Recipe, spectrum_references
 
 MEMBER_MODE = 0o644
 

@@ -28,7 +28,8 @@ from hnseg_infer.errors import HnsegError, ModelError
 from hnseg_infer.geometry.grid import Box
 from hnseg_infer.inference.anytime import n_tiles
 from hnseg_infer.io.images import load_case
-from hnseg_infer.recipe.load import ModelSpec, Recipe, load_recipe, resolve_weights
+from hnseg_infer.recipe.load import load_recipe, resolve_weights
+from hnseg_infer.recipe.spec import ModelSpec, Recipe
 from hnseg_infer.roi.locate import box_size_mm, locate_roi
 
 T4_FP16_FLOPS = 65e12  # tensor cores

@@ -105,17 +105,27 @@ def view_centre(*, mask: sitk.Image, reference: sitk.Image | None, pet: sitk.Ima
     return ViewCentre(tuple(sub.index_to_physical(peak_zyx[::-1])[0].tolist()), "pet peak")
 
 
+def box_name(stage: str, method: str, *, cascade: bool) -> str:
+    """How the picture names an ROI: a cascade's by its stage, a single stage's by its ROI method."""
+    return stage if cascade else f"roi ({method})" if method else "roi"
+
+
+def boxes_of(rois) -> list[tuple[str, Box]]:
+    """(name, box) of each ROI of a Prediction (its `rois`: StageRoi in stage order)."""
+    return [(box_name(r.stage, r.roi.method, cascade=len(rois) > 1), r.roi.box) for r in rois]
+
+
 def boxes_from_report(report: dict) -> list[tuple[str, Box]]:
     """(name, box) of each ROI in a run report: `report["stages"][i]["roi"]["box"]` for a cascade, else the
     single-stage `report["roi"]["box"]`. A report without ROI boxes gives []; a malformed box is an InputError."""
     if not isinstance(report, dict):
         raise InputError(f"the run report is a JSON {type(report).__name__}, expected an object")
     if isinstance(report.get("stages"), list):
-        entries = [(str(s.get("name", f"stage {i + 1}")), s.get("roi"), f"stages[{i}].roi.box")
-                   for i, s in enumerate(report["stages"]) if isinstance(s, dict)]
+        entries = [(box_name(str(s.get("name", f"stage {i + 1}")), "", cascade=True), s.get("roi"),
+                    f"stages[{i}].roi.box") for i, s in enumerate(report["stages"]) if isinstance(s, dict)]
     elif isinstance(report.get("roi"), dict):
         roi = report["roi"]
-        entries = [(f"roi ({roi['method']})" if "method" in roi else "roi", roi, "roi.box")]
+        entries = [(box_name("main", str(roi.get("method", "")), cascade=False), roi, "roi.box")]
     else:
         return []
     boxes = []

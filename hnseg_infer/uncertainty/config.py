@@ -130,21 +130,15 @@ def parse_augmentations(obj, where: str) -> Augmentations:
     return Augmentations(values.get("noise"), values.get("flip"), values.get("rotation"))
 
 
-def parse_stochastic_files(value, *, n_files: int, where: str, folder) -> tuple:
-    """A model's `stochastic_files`: one stochastic twin per entry of `files`, in the same order, each present."""
-    from pathlib import Path
-
+def parse_stochastic_files(value, *, n_files: int, where: str) -> tuple[str, ...]:
+    """A model's `stochastic_files`: one stochastic twin per entry of `files`, in the same order (their presence is
+    checked when the recipe's files are loaded)."""
     if not (isinstance(value, list) and all(isinstance(f, str) and f for f in value)):
         raise RecipeError(f"{where}: 'stochastic_files' must be a list of file names, got {value!r}")
     if value and len(value) != n_files:
         raise RecipeError(f"{where}: 'stochastic_files' lists {len(value)} file(s) for {n_files} fold file(s): one "
                           f"stochastic twin per fold, in the order of 'files' (re-export with --uncertainty)")
-    paths = tuple(Path(folder) / f for f in value)
-    for path in paths:
-        if not path.is_file():
-            raise RecipeError(f"{where}: stochastic model file {path} does not exist: re-export the model with "
-                              f"--uncertainty or fix 'stochastic_files'")
-    return paths
+    return tuple(value)
 
 
 def check_stage(config: UncertaintyConfig, stage, where: str) -> None:

@@ -16,7 +16,7 @@ from hnseg_infer.channels.harmonise import (
     save_reference,
     swap_low_frequencies,
 )
-from hnseg_infer.channels.intensity import apply_ops, validate_ops
+from hnseg_infer.channels.intensity import apply_ops, load_spectra, validate_ops
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.load import load_recipe
 
@@ -67,8 +67,8 @@ def write_reference(folder, reference_zyx, *, radius=3, name="reference_ct_dct.n
 
 
 def swap_op(folder, *, radius=3, name="reference_ct_dct.npz"):
-    return validate_ops([{"op": "spectrum_swap", "reference": name, "radius": radius}], source="ct", where="t",
-                        folder=folder)
+    ops = validate_ops([{"op": "spectrum_swap", "reference": name, "radius": radius}], source="ct", where="t")
+    return load_spectra(ops, folder=folder, where="t")
 
 
 def test_block_is_the_matrix_dct_of_each_slice(tmp_path):
@@ -153,12 +153,14 @@ def test_grid_of_another_size_uses_the_mapped_reference_and_says_so(tmp_path):
 def test_bad_ops_are_refused(tmp_path, ops, source, message):
     write_reference(tmp_path, ct_like())
     with pytest.raises(RecipeError, match=message):
-        validate_ops(ops, source=source, where="t", folder=tmp_path)
+        load_spectra(validate_ops(ops, source=source, where="t"), folder=tmp_path, where="t")
 
 
-def test_ops_without_a_weights_folder_refuse_the_op():
-    with pytest.raises(RecipeError, match="make_harmonisation_reference"):
-        validate_ops([{"op": "spectrum_swap", "reference": "r.npz"}], source="ct", where="t")
+def test_parsing_reads_no_file_and_an_unloaded_reference_refuses_to_run():
+    (op,) = validate_ops([{"op": "spectrum_swap", "reference": "nothere.npz"}], source="ct", where="t")
+    assert op.reference == "nothere.npz" and op.spectrum is None
+    with pytest.raises(RecipeError, match="parsed but not loaded"):
+        apply_ops(ct_like(), (op,), suv_per_stored_value=1.0)
 
 
 @pytest.mark.parametrize("content,message", [
@@ -197,7 +199,7 @@ def test_recipe_checks_the_reference_against_the_fixed_roi_grid_and_records_its_
     write_reference(folder, ct_like((31, 24, 20)))
     recipe = load_recipe(write_weights(folder, models=[_harmonised_entry()], roi=box))
     record = recipe.to_dict()["stages"][0]["models"][0]
-    ref = recipe.models[0].channels[0].ops[0].reference
+    ref = recipe.models[0].channels[0].ops[0].spectrum
     assert isinstance(ref, SpectrumReference) and ref.grid_size_zyx == (31, 24, 20)
     assert record["references"] == [{"file": "reference_ct_dct.npz", "sha256": ref.sha256}]
     assert len(ref.sha256) == 64

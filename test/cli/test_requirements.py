@@ -4,8 +4,8 @@ onnxruntime and onnxruntime-gpu side by side."""
 
 import re
 import subprocess
-import tomllib
 
+import tomllib
 from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name

@@ -18,8 +18,13 @@ from hnseg_infer.cli.main import main  # noqa: E402
 from hnseg_infer.errors import InputError  # noqa: E402
 from hnseg_infer.geometry.grid import Grid  # noqa: E402
 from hnseg_infer.io.dicom import read_series  # noqa: E402
-from hnseg_infer.io.dicom_out import (build_rtstruct, parse_roi_mapping, rasterise_rtstruct,  # noqa: E402
-                                      write_dicom_seg, write_rtstruct)
+from hnseg_infer.io.dicom_out import (  # noqa: E402
+    build_rtstruct,
+    parse_roi_mapping,
+    rasterise_rtstruct,
+    write_dicom_seg,
+    write_rtstruct,
+)
 
 DIRECTIONS = {"identity": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), "feet-first": FEET_FIRST, "oblique": oblique_direction()}
 

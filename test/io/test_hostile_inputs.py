@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import GC_OUTPUT, files_under, run_process, small_case, write_gc_input
+
 from hnseg_infer.errors import InputError
 from hnseg_infer.io.images import read_image
 
@@ -474,6 +474,7 @@ def _weights_with_hashes(folder):
     import json
 
     from builders import write_weights
+
     from hnseg_infer.io.atomic import file_sha256
 
     weights = write_weights(folder)
@@ -485,6 +486,7 @@ def _weights_with_hashes(folder):
 
 def test_a_model_file_replaced_by_another_of_the_same_signature_is_refused(case_dir, tmp_path, monkeypatch):
     from builders import save_linear_model
+
     from hnseg_infer.errors import RecipeError
     from hnseg_infer.recipe.load import SKIP_HASH_CHECK_ENV, load_recipe
 
@@ -503,7 +505,8 @@ def test_a_model_file_replaced_by_another_of_the_same_signature_is_refused(case_
 
 def test_recipes_written_by_the_runtime_record_and_round_trip_the_hashes(tmp_path):
     from hnseg_infer.io.atomic import file_sha256
-    from hnseg_infer.recipe.load import load_recipe, parse_recipe
+    from hnseg_infer.recipe.load import load_recipe
+    from hnseg_infer.recipe.parse import parse_recipe
 
     repo = Path(__file__).resolve().parents[2]
     demo = load_recipe(repo / "weights/demo")  # the shipped weights record their hashes, and they hold

@@ -8,7 +8,8 @@ from builders import model_entry, write_weights
 
 from hnseg_infer.errors import RecipeError
 from hnseg_infer.recipe.budget import DEFAULT_RESERVE_S, REFINEMENTS, BudgetConfig, Floor
-from hnseg_infer.recipe.load import load_recipe, parse_recipe
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.recipe.parse import parse_recipe
 
 
 def _weights(tmp_path, block, n_folds=3):

@@ -11,7 +11,9 @@ import pytest
 from builders import model_entry, write_weights
 from conftest import REPO
 
-from hnseg_infer.recipe.load import MonaiTiling, NnunetTiling, load_recipe, parse_recipe
+from hnseg_infer.recipe.load import load_recipe
+from hnseg_infer.recipe.parse import parse_recipe
+from hnseg_infer.recipe.spec import MonaiTiling, NnunetTiling
 
 
 def _round_trip(recipe):
@@ -91,3 +93,24 @@ def test_vocabularies_are_enums_and_the_spec_is_frozen(tmp_path):
     assert isinstance(model.channels[0].source, ChannelSource) and isinstance(recipe.stages[0].restore, Restore)
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.tiling.tile_batch = 4
+
+
+def test_parsing_reads_no_file_and_loading_checks_them(tmp_path):
+    from hnseg_infer.errors import RecipeError
+    from hnseg_infer.recipe.load import load_files
+
+    recipe = load_recipe(write_weights(tmp_path / "w"))
+    elsewhere = tmp_path / "empty" / "recipe.json"  # a folder holding none of the files the recipe names
+    parsed = parse_recipe(recipe.to_json(), elsewhere)
+    (model,) = parsed.models
+    assert model.files == tuple(elsewhere.parent / f.name for f in recipe.models[0].files)
+    assert model.sha256 == recipe.models[0].sha256  # as declared, not computed
+    with pytest.raises(RecipeError, match=r"model file .*empty.* does not exist"):
+        load_files(parsed)
+    raw = recipe.to_json()
+    raw["models"][0]["sha256"] = ["abc"]
+    with pytest.raises(RecipeError, match="64 hex digits"):
+        parse_recipe(raw, recipe.path)
+    raw["models"][0].update(sha256=recipe.models[0].sha256, files=["../outside.onnx"])
+    with pytest.raises(RecipeError, match="inside the weights folder"):
+        parse_recipe(raw, recipe.path)

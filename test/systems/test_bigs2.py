@@ -95,7 +95,7 @@ def test_recipe_is_bigs2s(bigs2):
 def test_harmonisation_reference_is_the_reference_subjects_ct_on_the_model_grid(bigs2):
     recipe = load_recipe(bigs2["weights"])
     model = recipe.models[0]
-    reference = model.channels[0].ops[0].reference
+    reference = model.channels[0].ops[0].spectrum
     assert reference.path == bigs2["weights"] / "reference_ct_dct.npz"
     assert reference.grid_size_zyx == (310, 200, 200) and reference.low_frequency_dct.shape == (310, 3, 3)
     assert recipe.to_dict()["stages"][0]["models"][0]["references"] == [
@@ -121,7 +121,7 @@ def test_case_ct_is_harmonised_after_sampling_and_before_normalisation(bigs2):
     grid = model_grid(model, roi.box, case.ct_grid)
     channels = build_input(case, grid, model)
     raw = sample(case.ct, grid, interpolation="linear", fill_value=-1024.0)
-    swapped = swap_low_frequencies(raw, model.channels[0].ops[0].reference.low_frequency_dct)
+    swapped = swap_low_frequencies(raw, model.channels[0].ops[0].spectrum.low_frequency_dct)
     expected = apply_ops(swapped, model.channels[0].ops[1:], suv_per_stored_value=1.0)
     assert np.allclose(channels[0], expected, atol=1e-6)
     assert not np.allclose(channels[0], apply_ops(raw, model.channels[0].ops[1:], suv_per_stored_value=1.0))
@@ -164,13 +164,13 @@ def _copy_weights(bigs2, name):
 def test_reference_without_pet_takes_the_box_at_the_top_of_the_ct(bigs2, capsys):
     weights = _copy_weights(bigs2, "weights_ct_top")
     ref_ct, _ = _images(bigs2["reference"])
-    before = load_recipe(weights).models[0].channels[0].ops[0].reference.sha256
+    before = load_recipe(weights).models[0].channels[0].ops[0].spectrum.sha256
     assert make_harmonisation_reference.main([str(ref_ct), "--weights", str(weights), "--radius", "2"]) == 0
     assert "310 slices of 200×200, radius 2" in capsys.readouterr().out
     model = load_recipe(weights).models[0]
     ops = model.channels[0].ops
     assert [op.name for op in ops] == ["spectrum_swap", "window", "sigmoid"]  # replaced, not added twice
-    assert ops[0].radius == 2 and ops[0].reference.sha256 != before
+    assert ops[0].radius == 2 and ops[0].spectrum.sha256 != before
     assert model.provenance["harmonisation"]["roi"]["record"]["used"] == "ct_top"
     assert model.provenance["harmonisation"]["reference_pet"] is None
 
