@@ -253,10 +253,10 @@ def parse_model(obj, where: str, folder: Path) -> ModelSpec:
 
 
 def _file_names(names: list, folder: Path, where: str, key: str) -> tuple[Path, ...]:
-    """`folder`/name for each name; a name must stay inside the recipe's folder."""
+    """`folder`/name for each name (relative to the recipe's folder; `hnseg pack-model` refuses one outside it)."""
     for name in names:
-        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            raise RecipeError(f"{where}: {key!r} must name files inside the weights folder, got {name!r}")
+        if not isinstance(name, str) or not name:
+            raise RecipeError(f"{where}: {key!r} must list file names (relative to the weights folder), got {name!r}")
     return tuple(Path(folder) / name for name in names)
 
 
