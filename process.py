@@ -13,4 +13,4 @@ import_onnxruntime_quietly()  # before hnseg_infer.cli.main imports it: one line
 from hnseg_infer.cli.main import container_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(container_main())
+    sys.exit(container_main(from_process_start=True))

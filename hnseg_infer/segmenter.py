@@ -171,8 +171,10 @@ class Segmenter:
             with report.stage("uncertainty"):
                 maps = estimate(case, stage, config, roi_box=roi.box, roi_grid=roi_grid,
                                 roi_slices_zyx=roi_slices_zyx, models=self.models,
-                                ensemble=self.ensembles[stage.name], report=report, clicks=clicks)
-            report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
+                                ensemble=self.ensembles[stage.name], report=report, clicks=clicks,
+                                planner=planner)
+            if maps is not None:
+                report.set("uncertainty", summarise(maps, labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
         mask = paste(labels_zyx, roi_slices_zyx, case.ct_grid)
         validate_mask(mask, case.ct_grid)
         self._record_engines(report)

@@ -197,3 +197,40 @@ def test_batch_gives_each_case_the_budget_the_first_from_the_process_start(tmp_p
     starts = [json.loads((tmp_path / "out" / f"{n}.report.json").read_text())["budget"]["clock_start"]
               for n in ("a", "b")]
     assert starts == ["process start", "case start"]
+
+
+def test_container_main_in_a_long_lived_process_counts_from_its_call(tmp_path, monkeypatch):
+    """A notebook's or test's process started long ago: its budget counts from the container_main call."""
+    import hnseg_infer.cli.main as cli
+
+    ct, pet = small_case()
+    case = write_gc_input(tmp_path / "input", ct, pet)
+    monkeypatch.setattr(cli, "process_start_s", lambda: time.monotonic() - 10_000.0)  # "started" ~3 h ago
+    code = cli.container_main(["--input", str(case), "--output", str(tmp_path / "out"), "--weights",
+                               str(_weights(tmp_path)), "--device", "cpu", "--report", str(tmp_path / "r.json"),
+                               "--time-budget", "540"])
+    assert code == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["budget"]["clock_start"] == "call start" and data["budget"]["steps"] == []
+    assert 0 < data["budget"]["actual_s"] < 540 and data["stages_s"]["process_start_to_run"] < 60
+
+
+def test_uncertainty_passes_stop_at_the_case_budget():
+    from hnseg_infer.inference.anytime import Planner
+    from hnseg_infer.recipe.budget import BudgetConfig
+    from hnseg_infer.report import RunReport
+    from hnseg_infer.uncertainty.config import UncertaintyConfig
+    from hnseg_infer.uncertainty.passes import _no_time_for
+
+    clock = FakeClock()
+    config = BudgetConfig()
+    planner = Planner(Deadline(100.0, 0.0, clock), config)
+    uncertainty = UncertaintyConfig(passes=5, dropout_rate=0.0, seed=0, augmentations=None)
+    report = RunReport()
+    clock.now = 100.0 - config.reserve_s - 25.0  # 25 s left before the reserve
+    assert _no_time_for(1, [20.0], uncertainty, report, planner, first_pass_s=None) is None
+    why = _no_time_for(1, [30.0], uncertainty, report, planner, first_pass_s=None)
+    assert why.startswith("another pass (~30.0 s) would end past the time budget of 100 s")
+    assert _no_time_for(0, [], uncertainty, report, planner, first_pass_s=20.0) is None
+    assert _no_time_for(0, [], uncertainty, report, planner, first_pass_s=30.0).startswith("a pass (~30.0 s)")
+    assert _no_time_for(1, [30.0], uncertainty, report, None, first_pass_s=None) is None  # no budget: all run

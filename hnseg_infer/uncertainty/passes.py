@@ -26,6 +26,7 @@ import numpy as np
 from hnseg_infer.channels.build import build_input, model_grid
 from hnseg_infer.errors import OutputError, RecipeError
 from hnseg_infer.geometry.grid import Grid
+from hnseg_infer.inference.anytime import Planner, n_tiles
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.inference.stochastic import tile_seed
 from hnseg_infer.io.images import Case, write_image_atomic
@@ -75,21 +76,25 @@ def resolve(recipe, options: UncertaintyOptions) -> UncertaintyConfig:
 
 
 def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid: Grid, roi_slices_zyx, models: dict,
-             ensemble: Ensemble, report: RunReport, clicks=None) -> UncertaintyMaps:
+             ensemble: Ensemble, report: RunReport, clicks=None, planner: Planner | None = None
+             ) -> UncertaintyMaps | None:
     """Run the passes over `stage`'s models and return the maps on `roi_grid` (the CT voxels in the ROI box).
     `models`: the loaded models by name (inference/runner.py; their plain folds run when the dropout rate is 0);
-    `ensemble`: the stage's, so that the maps' probabilities are restored as the mask's are."""
+    `ensemble`: the stage's, so that the maps' probabilities are restored as the mask's are. Under the case's time
+    budget (`planner`) a pass runs only if it fits before the budget less its reserve, the mask's writing: None
+    when not even the first one did."""
     loaded = [models[spec.name] for spec in stage.models]
     if config.dropout_rate > 0:
         _load_stochastic(loaded, report)
     grids = [model_grid(spec, roi_box, case.ct_grid) for spec in stage.models]
     totals = [None] * len(stage.models)
-    draws, durations = [], []
-    deadline = None if config.time_budget_s is None else report.started + config.time_budget_s
+    draws, durations, first_pass_s = [], [], _first_pass_s(planner, stage, grids)
     for p in range(config.passes):
-        if p and deadline is not None and time.time() + float(np.mean(durations)) > deadline:
-            report.fallback(f"uncertainty: ran {p} of {config.passes} passes: another pass (~{np.mean(durations):.1f} "
-                            f"s) would end past the recipe's time_budget_s {config.time_budget_s:g} s")
+        if why := _no_time_for(p, durations, config, report, planner, first_pass_s=first_pass_s):
+            report.fallback(f"uncertainty: ran {p} of {config.passes} passes: {why}")
+            if p == 0:
+                report.warn(f"uncertainty maps not made: {why}")
+                return None
             break
         start = time.perf_counter()
         draw = tta.draw(config.augmentations, np.random.default_rng([config.seed, p]))
@@ -115,6 +120,28 @@ def estimate(case: Case, stage, config: UncertaintyConfig, *, roi_box, roi_grid:
         record["stochastic_files"] = {spec.name: dict(zip((f.name for f in spec.stochastic_files),
                                                           spec.stochastic_sha256)) for spec in stage.models}
     return UncertaintyMaps(probabilities, predictive_entropy(probabilities), roi_slices_zyx, record)
+
+
+def _first_pass_s(planner: Planner | None, stage, grids) -> float | None:
+    """A pass's predicted seconds: each model's measured seconds per tile (this run's) times its tiles, one fold."""
+    costs = [planner.costs.get(spec.name) for spec in stage.models] if planner is not None else [None]
+    if None in costs:
+        return None
+    return sum(cost * n_tiles(spec, grid.size_zyx) for cost, spec, grid in zip(costs, stage.models, grids))
+
+
+def _no_time_for(p: int, durations: list[float], config: UncertaintyConfig, report: RunReport,
+                 planner: Planner | None, *, first_pass_s: float | None) -> str | None:
+    """Why pass `p` should not start (None: it may): the recipe's time_budget_s (from the case's start; the first
+    pass always runs under it) or the case's time budget."""
+    predicted = float(np.mean(durations)) if durations else first_pass_s
+    if p and config.time_budget_s is not None and time.time() + predicted > report.started + config.time_budget_s:
+        return f"another pass (~{predicted:.1f} s) would end past the recipe's time_budget_s {config.time_budget_s:g} s"
+    if planner is not None and not planner.fits(predicted, last_stage=True):
+        cost = "" if predicted is None else f" (~{predicted:.1f} s)"
+        return (f"{'another' if p else 'a'} pass{cost} would end past the time budget of {planner.deadline.budget_s:g} "
+                f"s less its reserve of {planner.config.reserve_s:g} s, {planner.deadline.left_s():.1f} s being left")
+    return None
 
 
 def _seeds(seed: int, p: int, m: int, f: int):
