@@ -25,6 +25,7 @@ from hnseg_infer.errors import InputError, MissingPetError, RecipeError
 from hnseg_infer.geometry.grid import Box
 from hnseg_infer.inference.anytime import Planner, run_stage
 from hnseg_infer.inference.backend import describe
+from hnseg_infer.inference.calibration import read_calibration
 from hnseg_infer.inference.runner import LoadedModel
 from hnseg_infer.io.images import Case, load_case, validate_mask
 from hnseg_infer.io.sidecar import crop_record
@@ -85,7 +86,9 @@ class Segmenter:
         self.ensembles = {stage.name: Ensemble.for_models(stage.models) for stage in recipe.stages}
         self.restorer: Restorer = restorer_for(recipe.stages[-1], self.ensembles[recipe.stages[-1].name])
         self._load_reported = False
-        self.seconds_per_tile: dict[str, float] = {}  # measured under a budget, kept for the next cases
+        # seconds per tile for the budget's planner: seeded from calibration.json where it fits this machine, then
+        # measured under a budget and kept for the next cases
+        self.seconds_per_tile, self.calibration = read_calibration(recipe.path.parent, self.models)
         self.recipe_s: float | None = None  # the recipe's load and hashing, when from_weights did it
 
     @classmethod
@@ -179,7 +182,7 @@ class Segmenter:
         validate_mask(mask, case.ct_grid)
         self._record_engines(report)
         report.set("labels", label_volumes(labels_zyx, spacing_xyz_mm=case.ct_grid.spacing_xyz_mm))
-        _record_budget(report, planner)
+        _record_budget(report, planner, self.calibration)
         self._report_run_fallbacks(report)
         report.finish("ok")
         return Prediction(mask, report, tuple(rois), crop, case, maps, model_labels)
@@ -319,13 +322,15 @@ class Segmenter:
         return labels_zyx, roi_grid, roi_slices_zyx, model_labels, crop
 
 
-def _record_budget(report: RunReport, planner: Planner | None) -> None:
-    """report["budget"]: null without a budget; else what ran, what was left out, predicted and actual time."""
+def _record_budget(report: RunReport, planner: Planner | None, calibration: dict | None) -> None:
+    """report["budget"]: null without a budget; else what ran, what was left out, predicted and actual time, and
+    the calibration that seeded the costs (calibration.json, when there is one)."""
     if planner is None:
         report.set("budget", None)
         return
     record = planner.record(clock_start=planner.deadline.label)
     record["actual_s"] = round(planner.deadline.elapsed_s(), 3)
+    record["calibration"] = calibration
     report.set("budget", record)
     if warning := planner.warning():
         report.warn(warning)

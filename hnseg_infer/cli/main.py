@@ -509,6 +509,29 @@ def _plan(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    """`hnseg calibrate`: each model's seconds per tile here, into calibration.json beside the weights (the budget
+    planner's costs before a model's first pass; inference/calibration.py)."""
+    from hnseg_infer.inference.calibration import CALIBRATION_FILE, write_calibration
+
+    try:
+        segmenter = Segmenter.from_weights(args.weights or default_weights(), device=args.device,
+                                           backend=args.backend)
+        segmenter.seconds_per_tile.clear()  # measured here, not seeded from an older file
+        for _ in range(args.repeats):  # an unbounded budget runs every member the anytime way, each cost measured
+            with quiet_libraries(lambda line: None):
+                segmenter.predict(args.ct, args.pet, time_budget_s=1e9)
+        out = args.out or segmenter.recipe.path.parent / CALIBRATION_FILE
+        write_calibration(out, segmenter.models, segmenter.seconds_per_tile)
+    except HnsegError as exc:
+        print(f"hnseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for name, seconds in segmenter.seconds_per_tile.items():
+        print(f"{name}: {seconds:.4f} s per tile")
+    print(f"calibration written to {out} (the last of {args.repeats} run(s) of the case)")
+    return 0
+
+
 def _check_output(args) -> int:
     try:
         print(check_output(args.input, args.output))
@@ -630,9 +653,21 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--no-measure", action="store_true", help="skip the measured forward pass (large networks)")
     pl.add_argument("--json", type=Path, default=None, help="also write the plan as JSON here")
 
+    ca = sub.add_parser("calibrate", help="measure each model's seconds per tile on this machine and write them "
+                        "to calibration.json beside the weights, for the time budget's planner")
+    ca.add_argument("--weights", type=Path, default=None, help="folder with recipe.json (default: bundled)")
+    ca.add_argument("--ct", type=Path, required=True)
+    ca.add_argument("--pet", type=Path, default=None)
+    ca.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ca.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    ca.add_argument("--repeats", type=int, default=2, help="runs of the case; the last one's costs are kept")
+    ca.add_argument("--out", type=Path, default=None, help="instead of WEIGHTS/calibration.json")
+
     args = parser.parse_args(argv)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.command == "pack-model":
         return _pack_model(args)
     if args.command == "check-output":

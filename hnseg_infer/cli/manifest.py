@@ -16,7 +16,7 @@ from pathlib import Path
 from hnseg_infer.errors import InputError
 from hnseg_infer.io.atomic import file_sha256, write_bytes_atomic
 from hnseg_infer.io.sources import CaseSource
-from hnseg_infer.recipe.spec import Recipe
+from hnseg_infer.recipe.spec import Recipe, spectrum_references
 
 MANIFEST_FILE = "manifest.csv"
 COLUMNS = ["case", "status", "error", "ct", "pet", "reference", "ct_sha256", "pet_sha256", "recipe_sha256",
@@ -26,8 +26,10 @@ DONE = ("ok", "skipped")  # statuses whose mask a re-run keeps
 
 
 def recipe_sha256(recipe: Recipe) -> str:
-    """One hash for what decides the masks: recipe.json and every model file it names (their sha256)."""
-    parts = [recipe.sha256] + [h for model in recipe.models for h in (*model.sha256, *model.stochastic_sha256)]
+    """One hash for what decides the masks: recipe.json and every file it names (models, stochastic twins,
+    harmonisation references: their sha256)."""
+    parts = [recipe.sha256] + [h for model in recipe.models for h in (
+        *model.sha256, *model.stochastic_sha256, *(ref.sha256 for ref in spectrum_references(model)))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

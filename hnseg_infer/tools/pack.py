@@ -2,7 +2,8 @@
 
 Grand-challenge extracts an algorithm's model tarball into /opt/ml/model, where process.py looks first. The tarball
 holds recipe.json at its root and every file the recipe names (fold models, stochastic twins, harmonisation
-references), each under its path relative to recipe.json, and nothing else. Each file's bytes are hashed as they go
+references), each under its path relative to recipe.json, the budget's calibration.json when there is one, and
+nothing else. Each file's bytes are hashed as they go
 into the tarball and must equal the sha256 the recipe was loaded (and validated) with, so the tarball holds exactly
 the model that was checked. Symbolic links and files outside the weights folder are refused: the tarball must not
 depend on what lies beside the folder.
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hnseg_infer.errors import RecipeError
-from hnseg_infer.io.atomic import write_atomic
+from hnseg_infer.inference.calibration import CALIBRATION_FILE
+from hnseg_infer.io.atomic import file_sha256, write_atomic
 from hnseg_infer.recipe.load import load_recipe, resolve_weights
 from hnseg_infer.recipe.spec import Recipe, spectrum_references
 
@@ -41,8 +43,10 @@ class Packed:
 
 def named_files(recipe: Recipe) -> list[tuple[Path, str]]:
     """recipe.json, then each model's files, stochastic twins and references, with their load-time sha256; once
-    each (two models may share a reference)."""
+    each (two models may share a reference); and the budget's calibration.json when there is one."""
     files = [(recipe.path, recipe.sha256)]
+    if (calibration := recipe.path.parent / CALIBRATION_FILE).is_file():
+        files.append((calibration, file_sha256(calibration)))
     for model in recipe.models:
         files += zip(model.files, model.sha256)
         files += zip(model.stochastic_files, model.stochastic_sha256)

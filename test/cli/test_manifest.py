@@ -105,6 +105,23 @@ def test_the_recipe_hash_covers_recipe_json_and_the_model_files(tmp_path):
     assert recipe_sha256(load_recipe(weights)) != first
 
 
+def test_the_recipe_hash_covers_the_harmonisation_references(tmp_path):
+    import numpy as np
+    from builders import model_entry
+
+    from hnseg_infer.channels.harmonise import low_frequency_block, save_reference
+
+    rng = np.random.default_rng(0)
+    channels = [{"source": "ct", "ops": [{"op": "spectrum_swap", "reference": "ref.npz"}]}, {"source": "pet"}]
+    weights = write_weights(tmp_path / "w", models=[model_entry(channels=channels)], roi={"method": "ct_extent"})
+    hashes = []
+    for _ in range(2):  # the same recipe.json and model, another reference file
+        ct = rng.normal(0, 100, (7, 24, 20))
+        save_reference(weights / "ref.npz", low_frequency_block(ct, 3), ct.shape)
+        hashes.append(recipe_sha256(load_recipe(weights)))
+    assert hashes[0] != hashes[1]
+
+
 def test_a_dicom_series_folder_is_hashed_by_its_files(tmp_path):
     from hnseg_infer.cli.manifest import path_sha256
 

@@ -67,6 +67,15 @@ def test_tarball_holds_exactly_the_named_files_and_process_runs_from_it(tmp_path
     assert runs["folder hashes"] == runs["tarball hashes"]
 
 
+def test_the_budget_calibration_travels_with_the_weights(tmp_path):
+    weights = full_weights(tmp_path / "weights")
+    (weights / "calibration.json").write_text('{"schema": 1, "machine": {}, "models": {}}\n')
+    packed = pack_recipe(load_recipe(weights), tmp_path / "model.tar.gz")
+    with tarfile.open(packed.out) as tar:
+        assert tar.getnames() == ["recipe.json", "calibration.json", "model.onnx", "model.stochastic.onnx",
+                                  REFERENCE]
+
+
 def test_process_finds_the_unpacked_tarball_at_opt_ml_model_else_the_bundled_weights(tmp_path, monkeypatch):
     model_dir = tmp_path / "opt" / "ml" / "model"
     monkeypatch.setattr(cli, "GC_MODEL_DIR", model_dir)
