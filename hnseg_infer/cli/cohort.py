@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -28,7 +28,7 @@ from tqdm import tqdm
 import hnseg_infer
 from hnseg_infer.cli.cases import CohortLayout, hecktor_figures, run_source_case, score
 from hnseg_infer.cli.manifest import COLUMNS, MANIFEST_FILE, Manifest, failed_row, recipe_sha256
-from hnseg_infer.errors import HnsegError
+from hnseg_infer.errors import HnsegError, InputError
 from hnseg_infer.io.atomic import write_bytes_atomic
 from hnseg_infer.io.sources import CaseSource, Source, find_cases, with_references
 from hnseg_infer.recipe.load import load_recipe, resolve_weights
@@ -95,7 +95,11 @@ def run_cohort(source_path: Path, options: CohortOptions) -> int:
     todo = plan(source, manifest, recipe_sha=recipe_sha, layout=CohortLayout(Path(options.out)), force=options.force)
     interrupted = False
     if todo:
-        interrupted = not _run_on_ray(todo, manifest, options, recipe_sha)
+        try:
+            interrupted = not _run_on_ray(todo, manifest, options, recipe_sha)
+        except InputError as exc:  # the cluster cannot place a worker: nothing ran
+            print(f"hnseg: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
     return summarise(source, manifest, Path(options.out), seconds=time.perf_counter() - started,
                      interrupted=interrupted)
 
@@ -132,6 +136,12 @@ def _run_on_ray(todo: list[CaseSource], manifest: Manifest, options: CohortOptio
     """Run the cases on the actors; False when interrupted (Ctrl-C, SIGTERM). The manifest is rewritten after
     every case, so it is consistent whenever the run stops."""
     started_ray = _start_ray(options)
+    try:
+        options = _placeable(options, ray.cluster_resources())
+    except InputError:
+        if started_ray:
+            ray.shutdown()
+        raise
     previous_sigterm = _raise_on_sigterm()
     scheduler = Scheduler(todo, manifest, options, recipe_sha)
     try:
@@ -159,6 +169,25 @@ def _start_ray(options: CohortOptions) -> bool:
     else:
         ray.init(**local_ray_options(options.workers * options.threads_per_worker))
     return True
+
+
+def _placeable(options: CohortOptions, cluster: dict) -> CohortOptions:
+    """The options with no more workers than the cluster can place at once (its CPUs per --threads-per-worker, its
+    GPUs per --gpus-per-worker): an actor Ray cannot place waits for ever, and so would its cases."""
+    fits = {"CPU": int(cluster.get("CPU", 0) // options.threads_per_worker)}
+    if options.gpus_per_worker:
+        fits["GPU"] = int(cluster.get("GPU", 0) // options.gpus_per_worker)
+    fit = min(fits.values())
+    have = ", ".join(f"{cluster.get(k, 0):g} {k}" for k in fits)
+    if fit < 1:
+        raise InputError(f"the Ray cluster ({have}) cannot place one worker of {options.threads_per_worker} CPU(s)"
+                         + (f" and {options.gpus_per_worker:g} GPU(s)" if options.gpus_per_worker else "")
+                         + ": lower --threads-per-worker or --gpus-per-worker, or add nodes with those resources")
+    if fit < options.workers:
+        print(f"hnseg cohort: the Ray cluster ({have}) places {fit} of the {options.workers} workers asked for; "
+              f"running {fit}", file=sys.stderr)
+        return replace(options, workers=fit)
+    return options
 
 
 def _raise_on_sigterm():

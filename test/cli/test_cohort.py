@@ -216,6 +216,22 @@ def test_errors_before_any_case_exit_2_and_write_nothing(tmp_path, weights, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_workers_the_cluster_cannot_place_are_not_asked_for(tmp_path, ray_session, weights, capsys):
+    """An actor Ray cannot place waits for ever: no GPU for --gpus-per-worker is an error before any case, and more
+    workers than the CPUs hold are cut to those that fit."""
+    from hnseg_infer.cli.cohort import CohortOptions, _placeable
+
+    write_cases(tmp_path / "cases", ["a"])
+    assert cohort(tmp_path / "cases", tmp_path / "out", weights, "--gpus-per-worker", "1") == 2
+    err = capsys.readouterr().err
+    assert "cannot place one worker of 1 CPU(s) and 1 GPU(s)" in err and "0 GPU" in err
+    assert not (tmp_path / "out" / "masks").exists()
+    options = CohortOptions(weights=weights, out=tmp_path, workers=4, threads_per_worker=2, gpus_per_worker=0.5)
+    assert _placeable(options, {"CPU": 16.0, "GPU": 1.0}).workers == 2  # 2 GPUs' halves
+    assert _placeable(options, {"CPU": 6.0, "GPU": 8.0}).workers == 3  # 6 CPUs / 2
+    assert "places 3 of the 4 workers" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_leaves_a_consistent_manifest_and_resumes(tmp_path, weights):
     """SIGTERM to a real `hnseg cohort` process (its own local Ray) once a few cases are done: exit 130, every
