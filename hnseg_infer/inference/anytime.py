@@ -149,8 +149,10 @@ class Planner:
             return self.deadline.elapsed_s() < self.limit_s(last_stage=last_stage)
         return self.deadline.elapsed_s() + predicted_s <= self.limit_s(last_stage=last_stage)
 
-    def guard(self, n_passes: int, *, last_stage: bool) -> Callable[[int, int], None]:
-        """on_batch for a refinement of `n_passes` passes: StepCut once the rate so far says it ends too late."""
+    def guard(self, n_passes: int, *, last_stage: bool, cost_of: str | None = None) -> Callable[[int, int], None]:
+        """on_batch for a refinement of `n_passes` passes: StepCut once the rate so far says it ends too late. With
+        `cost_of` (a member's first pass, its cost unknown), the rate measured until the cut becomes that model's
+        cost per tile, so that the next case skips it before it starts."""
         clock, start, finished = self.deadline.clock, self.deadline.clock(), [0, 0]  # passes, tiles of this one
         limit = self.limit_s(last_stage=last_stage)
 
@@ -159,8 +161,11 @@ class Planner:
                 finished[0] += 1
             finished[1] = tiles_done
             done = finished[0] * n_tiles + tiles_done
-            left_s = (clock() - start) / done * (n_passes * n_tiles - done)
+            per_tile_s = (clock() - start) / done
+            left_s = per_tile_s * (n_passes * n_tiles - done)
             if self.deadline.elapsed_s() + left_s > limit:
+                if cost_of is not None:
+                    self.costs[cost_of] = per_tile_s
                 raise StepCut(f"~{left_s:.1f} s more")
         return on_batch
 
@@ -246,7 +251,7 @@ def _try_member(spec: ModelSpec, stage: StageSpec, planner: Planner, start, grid
         planner.left_out(stage.name, spec.name, "members", dropped, predicted, "skipped")
         return None
     try:
-        return start(spec, planner.guard(1, last_stage=last_stage))
+        return start(spec, planner.guard(1, last_stage=last_stage, cost_of=spec.name))
     except StepCut as cut:
         planner.left_out(stage.name, spec.name, "members", dropped, predicted, "cut", f"stopped in its pass: {cut}")
         return None

@@ -176,6 +176,7 @@ def test_an_unknown_member_is_cut_inside_its_pass_and_a_known_one_skipped_before
     calls = models["b"].folds[0].calls
     assert 0 < calls < _tiles()  # it stopped inside its pass, not after it
     assert clock() - 100.0 <= 1.5 * pass_s + 2  # at most one tile batch (2 tiles) past the limit
+    assert planner.costs["b"] == pytest.approx(1.0)  # the rate measured until the cut is kept: the next case skips it
     # a later case knows b's cost per tile: skipped before it starts, nothing wasted
     costs = {"b": 1.0}
     clock = FakeClock()
