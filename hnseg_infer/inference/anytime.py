@@ -10,6 +10,11 @@ process), or that runs slower than predicted, is cut inside its pass once its me
 late. Each model keeps, per fold, the running sum of its logits over the flips run, so any stopping point gives the
 mean that the recipe with those folds and mirror axes would give (the same arithmetic up to float rounding):
 mirror flips averaged as logits, then the folds as the recipe's `fold_average` says.
+
+With the budget block's `first_pass_tiles: "covering"`, each model's first pass runs only a subset of its tiles
+that covers the grid (the Gaussian-weighted mean of those tiles is already a complete prediction), and its other
+tiles are the first refinement, added into the same weighted sums (sliding_window.WindowSums); a model's mirror
+axes wait for them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from hnseg_infer.clock import Deadline
 from hnseg_infer.geometry.grid import Grid
 from hnseg_infer.inference.runner import LoadedModel, activate
 from hnseg_infer.inference.sliding_window import (
+    WindowSums,
     mirror_combinations,
     monai_tile_starts_zyx,
     predict_sliding_window,
@@ -60,7 +66,8 @@ class ModelPasses:
     image: np.ndarray  # [C, ...] in the network's axis order
     sums: list[np.ndarray] = field(default_factory=list)
     n_axes: int = 0  # the mirror axes run: the first n_axes of the recipe's mirror_axes_zyx
-    pass_s: float | None = None  # one pass, measured on the first
+    pass_s: float | None = None  # one pass over all tiles, measured on the first
+    first: WindowSums | None = None  # fold 0's unflipped pass while it holds only some of its tiles
 
     @property
     def spec(self) -> ModelSpec:
@@ -89,12 +96,36 @@ class ModelPasses:
             total = logits if total is None else np.add(total, logits, out=total)
         return total
 
-    def add_fold(self, guard=None, clock=None) -> None:
-        """The next fold over the flips run so far (kept only once all its passes ran)."""
+    def add_fold(self, guard=None, clock=None, *, covering: bool = False) -> None:
+        """The next fold over the flips run so far (kept only once all its passes ran). `covering`: the first
+        fold's pass over a covering subset of its tiles only (the others: add_tiles)."""
         start = clock() if clock else None
-        self.sums.append(self._passes(self.loaded.folds[len(self.sums)], mirror_combinations(self.axes), guard))
+        fold = self.loaded.folds[len(self.sums)]
+        share = 1.0  # of a whole pass's tiles run
+        if covering and not self.sums:
+            window = WindowSums(self.image, n_outputs=self.spec.head.n_outputs, **self.spec.tiling.window())
+            tiles = window.covering()
+            window.add(fold, tiles, flips_zyx=[()], on_batch=guard)
+            self.sums.append(window.logits())
+            self.first, share = (window if len(tiles) < window.n_tiles else None), len(tiles) / window.n_tiles
+        else:
+            self.sums.append(self._passes(fold, mirror_combinations(self.axes), guard))
         if self.pass_s is None and clock is not None:
-            self.pass_s = clock() - start
+            self.pass_s = (clock() - start) / share
+
+    def tiles_left(self) -> int:
+        return 0 if self.first is None else self.first.n_tiles - len(self.first.added)
+
+    def add_tiles(self, guard=None) -> None:
+        """The first pass's other tiles, into its weighted sums; those added before a cut stay added."""
+        window = self.first
+        try:
+            window.add(self.loaded.folds[0], [i for i in range(window.n_tiles) if i not in window.added],
+                       flips_zyx=[()], on_batch=guard)
+        finally:
+            self.sums[0] = window.logits()  # no mirror axis runs before its tiles: sums[0] is this pass alone
+            if not self.tiles_left():
+                self.first = None
 
     def add_axis(self, guard=None) -> None:
         """The next mirror axis over the folds run so far: the flips that include it (kept once all ran)."""
@@ -124,7 +155,8 @@ class ModelPasses:
         tiling = self.spec.tiling
         return {"model": self.spec.name, "folds_run": len(self.sums), "folds": len(self.loaded.folds),
                 "mirror_axes_zyx_run": list(self.axes), "mirror_axes_zyx": list(tiling.mirror_axes_zyx),
-                "passes": self.n_passes, "pass_s": None if self.pass_s is None else round(self.pass_s, 3)}
+                "passes": self.n_passes, "pass_s": None if self.pass_s is None else round(self.pass_s, 3),
+                **({"first_pass_tiles_run": len(self.first.added), "tiles": self.first.n_tiles} if self.first else {})}
 
 
 @dataclass
@@ -208,10 +240,12 @@ def run_stage(stage: StageSpec, models: dict[str, LoadedModel], planner: Planner
     runs: dict[str, ModelPasses] = {}
     clock = planner.deadline.clock
 
+    covering = planner.config.first_pass_tiles == "covering"
+
     def start(spec: ModelSpec, guard=None) -> ModelPasses:
         grid = grid_of(spec)
         run = ModelPasses(models[spec.name], grid, network_order(spec, input_of(spec, grid)))
-        run.add_fold(guard, clock)
+        run.add_fold(guard, clock, covering=covering)
         planner.costs[spec.name] = run.pass_s / n_tiles(spec, grid.size_zyx)
         return run
 
@@ -219,10 +253,15 @@ def run_stage(stage: StageSpec, models: dict[str, LoadedModel], planner: Planner
         floor = planner.config.floor(spec.name, first=index == 0)
         if floor.folds:
             run = runs[spec.name] = start(spec)
+            if run.first is not None and (floor.mirror_axes or floor.folds > 1):
+                run.add_tiles()  # a floor beyond one pass is whole passes
             while run.n_axes < floor.mirror_axes:
                 run.add_axis()
             while len(run.sums) < floor.folds:
                 run.add_fold()
+    for spec in stage.models:  # the first refinement: the rest of each first pass's tiles
+        if spec.name in runs and runs[spec.name].first is not None:
+            _add_tiles_if_fits(runs[spec.name], stage, planner, last_stage=last_stage)
     for kind in planner.config.refinements:
         for spec in stage.models:
             if kind == "members" and spec.name not in runs:
@@ -251,10 +290,27 @@ def _try_member(spec: ModelSpec, stage: StageSpec, planner: Planner, start, grid
         planner.left_out(stage.name, spec.name, "members", dropped, predicted, "skipped")
         return None
     try:
-        return start(spec, planner.guard(1, last_stage=last_stage, cost_of=spec.name))
+        run = start(spec, planner.guard(1, last_stage=last_stage, cost_of=spec.name))
     except StepCut as cut:
         planner.left_out(stage.name, spec.name, "members", dropped, predicted, "cut", f"stopped in its pass: {cut}")
         return None
+    if run.first is not None:
+        _add_tiles_if_fits(run, stage, planner, last_stage=last_stage)
+    return run
+
+
+def _add_tiles_if_fits(run: ModelPasses, stage: StageSpec, planner: Planner, *, last_stage: bool) -> None:
+    """The rest of the model's first pass's tiles when they fit; cut inside, the tiles added so far count."""
+    left = run.tiles_left()
+    predicted, dropped = run.pass_s * left / run.first.n_tiles, {"tiles": left}
+    if not planner.fits(predicted, last_stage=last_stage):
+        planner.left_out(stage.name, run.spec.name, "tiles", dropped, predicted, "skipped")
+        return
+    try:
+        run.add_tiles(planner.guard(1, last_stage=last_stage))
+    except StepCut as cut:
+        planner.left_out(stage.name, run.spec.name, "tiles", {"tiles": run.tiles_left()}, predicted, "cut",
+                         f"stopped after {left - run.tiles_left()} of them: {cut}")
 
 
 def _add_while_fits(run: ModelPasses, stage: StageSpec, planner: Planner, kind: str, *, last_stage: bool) -> None:
@@ -269,6 +325,10 @@ def _add_while_fits(run: ModelPasses, stage: StageSpec, planner: Planner, kind: 
         else:
             left = list(spec.tiling.mirror_axes_zyx[run.n_axes:])
             if not left:
+                return
+            if run.first is not None:  # a mirror pass over every tile would outweigh the first pass's subset
+                planner.left_out(stage.name, spec.name, kind, {"mirror_axes_zyx": left}, None, "skipped",
+                                 "its first pass's tiles were not all run")
                 return
             predicted, n_passes, dropped = run.axis_cost_s(), 2 ** run.n_axes * len(run.sums), {"mirror_axes_zyx": left}
         if not planner.fits(predicted, last_stage=last_stage):

@@ -49,37 +49,88 @@ def predict_sliding_window(run_batch: RunBatch, image_czyx: np.ndarray, *, patch
     passes run one at a time, inference/anytime.py). `on_batch(tiles_done, n_tiles)` is called after each tile
     batch (it may raise to stop the pass).
     """
-    patch = _check_patch(patch_zyx)
-    _check_arguments(image_czyx, n_outputs=n_outputs, step_fraction=step_fraction, tile_batch=tile_batch,
-                     mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction, tiling=tiling, overlap=overlap)
-    image, crop = _pad_to_patch(np.asarray(image_czyx, dtype=np.float32), patch)
-    size = image.shape[1:]
-    if tiling == "nnunet":
-        starts = tile_starts_zyx(size, patch, step_fraction)
-        tile_weights = gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
-    else:
-        starts = monai_tile_starts_zyx(size, patch, overlap)
-        tile_weights = monai_gaussian_importance(patch, sigma_fraction) if gaussian else np.ones(patch, np.float32)
+    window = WindowSums(image_czyx, patch_zyx=patch_zyx, n_outputs=n_outputs, step_fraction=step_fraction,
+                        tile_batch=tile_batch, mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction,
+                        gaussian=gaussian, tiling=tiling, overlap=overlap)
+    window.add(run_batch, range(window.n_tiles), flips_zyx=flips_zyx, on_batch=on_batch)
+    return window.logits(in_place=True)
 
-    logits = np.zeros((n_outputs, *size), np.float32)
-    weights = np.zeros(size, np.float32)
-    # nnU-Net's and MONAI's order: z outermost, x innermost (it matters only for float rounding).
-    corners = list(product(*starts))
-    for first in range(0, len(corners), tile_batch):
-        boxes = [tuple(slice(s, s + p) for s, p in zip(corner, patch)) for corner in corners[first:first + tile_batch]]
-        batch = np.stack([image[(slice(None), *box)] for box in boxes])
-        if flips_zyx is None:
-            predicted = _predict_mirrored(run_batch, batch, mirror_axes_zyx, n_outputs)
+
+class WindowSums:
+    """One sliding window's weighted sums, filled tile by tile. After any set of tiles that covers every voxel
+    (e.g. `covering()`, then the rest), `logits()` is the Gaussian-weighted mean of the tiles added; after all of
+    them it is predict_sliding_window's result (the same tiles in the same order give the same floats)."""
+
+    def __init__(self, image_czyx: np.ndarray, *, patch_zyx: Sequence[int], n_outputs: int,
+                 step_fraction: float = 0.5, tile_batch: int = 1, mirror_axes_zyx: Sequence[int] = (),
+                 sigma_fraction: float = 1 / 8, gaussian: bool = True, tiling: str = "nnunet",
+                 overlap: float = 0.25):
+        self.patch = _check_patch(patch_zyx)
+        _check_arguments(image_czyx, n_outputs=n_outputs, step_fraction=step_fraction, tile_batch=tile_batch,
+                         mirror_axes_zyx=mirror_axes_zyx, sigma_fraction=sigma_fraction, tiling=tiling,
+                         overlap=overlap)
+        self.image, self.crop = _pad_to_patch(np.asarray(image_czyx, dtype=np.float32), self.patch)
+        size = self.image.shape[1:]
+        if tiling == "nnunet":
+            self.starts = tile_starts_zyx(size, self.patch, step_fraction)
+            importance = gaussian_importance(self.patch, sigma_fraction) if gaussian else None
         else:
-            predicted = _predict_flips(run_batch, batch, flips_zyx, n_outputs)
-        predicted *= tile_weights
-        for box, tile_logits in zip(boxes, predicted):
-            logits[(slice(None), *box)] += tile_logits  # in place: no volume-sized temporary per tile
-            weights[box] += tile_weights
-        if on_batch is not None:
-            on_batch(first + len(boxes), len(corners))
-    np.divide(logits, weights, out=logits)
-    return logits[(slice(None), *crop)]
+            self.starts = monai_tile_starts_zyx(size, self.patch, overlap)
+            importance = monai_gaussian_importance(self.patch, sigma_fraction) if gaussian else None
+        self.tile_weights = importance if importance is not None else np.ones(self.patch, np.float32)
+        self.n_outputs, self.tile_batch, self.mirror_axes_zyx = n_outputs, tile_batch, tuple(mirror_axes_zyx)
+        # nnU-Net's and MONAI's order: z outermost, x innermost (it matters only for float rounding).
+        self.corners = list(product(*self.starts))
+        self.sums = np.zeros((n_outputs, *size), np.float32)
+        self.weights = np.zeros(size, np.float32)
+        self.added: set[int] = set()
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.corners)
+
+    def covering(self) -> list[int]:
+        """The indices of a subset of the tiles that still covers every voxel: per axis, from the first start, the
+        furthest start that leaves no gap, to the last (with tiles placed without overlap: all of them)."""
+        chosen = [set(_covering_starts(starts, p)) for starts, p in zip(self.starts, self.patch)]
+        return [i for i, corner in enumerate(self.corners) if all(c in axis for c, axis in zip(corner, chosen))]
+
+    def add(self, run_batch: RunBatch, indices, *, flips_zyx: Sequence[tuple[int, ...]] | None = None,
+            on_batch: Callable[[int, int], None] | None = None) -> None:
+        """Predict the tiles `indices` (in that order, `tile_batch` at a time) and add them; `on_batch(done,
+        len(indices))` after each batch, which may raise to stop: the batches before stay added."""
+        indices = list(indices)
+        for first in range(0, len(indices), self.tile_batch):
+            part = indices[first:first + self.tile_batch]
+            boxes = [tuple(slice(s, s + p) for s, p in zip(self.corners[i], self.patch)) for i in part]
+            batch = np.stack([self.image[(slice(None), *box)] for box in boxes])
+            if flips_zyx is None:
+                predicted = _predict_mirrored(run_batch, batch, self.mirror_axes_zyx, self.n_outputs)
+            else:
+                predicted = _predict_flips(run_batch, batch, flips_zyx, self.n_outputs)
+            predicted *= self.tile_weights
+            for box, tile_logits in zip(boxes, predicted):
+                self.sums[(slice(None), *box)] += tile_logits  # in place: no volume-sized temporary per tile
+                self.weights[box] += self.tile_weights
+            self.added.update(part)
+            if on_batch is not None:
+                on_batch(first + len(boxes), len(indices))
+
+    def logits(self, *, in_place: bool = False) -> np.ndarray:
+        """The weighted mean of the tiles added, cropped to the image: [K, z, y, x]. `in_place` divides the sums
+        themselves (no further tile may be added then)."""
+        out = self.sums if in_place else np.empty_like(self.sums)
+        np.divide(self.sums, self.weights, out=out)
+        return out[(slice(None), *self.crop)]
+
+
+def _covering_starts(starts: list[int], patch: int) -> list[int]:
+    chosen = [starts[0]]
+    while chosen[-1] != starts[-1]:
+        reach = max(s for s in starts if s <= chosen[-1] + patch)
+        # tiles are never placed further apart than a patch; if they were, the next one (the gap stays uncovered)
+        chosen.append(reach if reach > chosen[-1] else min(s for s in starts if s > chosen[-1]))
+    return chosen
 
 
 def tile_starts_zyx(image_size_zyx: Sequence[int], patch_zyx: Sequence[int], step_fraction: float) -> list[list[int]]:

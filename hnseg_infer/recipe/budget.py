@@ -3,7 +3,7 @@ apply whenever a budget is set. Validated strictly (unknown keys, bad values, un
 
     "budget": {"refinements": ["members", "folds", "mirror_axes"],
                "floors": {"fine_nnunet": {"folds": 2, "mirror_axes": 0}},
-               "reserve_s": 10, "earlier_stages_until": 0.5}
+               "reserve_s": 10, "earlier_stages_until": 0.5, "first_pass_tiles": "all"}
 
 - `refinements`: the order in which a stage adds work after its floors, each kind tried for every model of the
   stage in recipe order: `members` (a further model of the stage: its first fold, unmirrored), `folds` (a
@@ -15,6 +15,10 @@ apply whenever a budget is set. Validated strictly (unknown keys, bad values, un
   would end later than the budget less this.
 - `earlier_stages_until`: a fraction of the budget; a cascade's earlier stages (which only place the next ROI)
   add no refinement that would end later than this fraction of the budget.
+- `first_pass_tiles`: "all" (default) or "covering": each model's first pass runs only a subset of its tiles that
+  covers its grid (e.g. 27 of 125), a complete prediction at a fraction of the cost; the other tiles are then the
+  first refinement (before the kinds above), added into the same weighted mean. With no budget pressure every
+  tile runs and the result is the recipe's up to float rounding (the tiles are summed in another order).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from dataclasses import dataclass, field
 from hnseg_infer.errors import RecipeError
 
 REFINEMENTS = ("members", "folds", "mirror_axes")
-KEYS = ("refinements", "floors", "reserve_s", "earlier_stages_until")
+KEYS = ("refinements", "floors", "reserve_s", "earlier_stages_until", "first_pass_tiles")
+FIRST_PASS_TILES = ("all", "covering")
 FLOOR_KEYS = ("folds", "mirror_axes")
 DEFAULT_RESERVE_S = 10.0
 DEFAULT_EARLIER_STAGES_UNTIL = 0.5
@@ -47,6 +52,7 @@ class BudgetConfig:
     reserve_s: float = DEFAULT_RESERVE_S
     earlier_stages_until: float = DEFAULT_EARLIER_STAGES_UNTIL
     declared: bool = field(default=False, compare=False)  # False: no block in the recipe (the defaults)
+    first_pass_tiles: str = "all"
 
     def floor(self, model: str, *, first: bool) -> Floor:
         """The model's floor: the recipe's, with at least one fold for the first model of a stage."""
@@ -55,7 +61,8 @@ class BudgetConfig:
 
     def to_dict(self) -> dict:
         return {"refinements": list(self.refinements), "floors": {m: f.to_dict() for m, f in self.floors},
-                "reserve_s": self.reserve_s, "earlier_stages_until": self.earlier_stages_until}
+                "reserve_s": self.reserve_s, "earlier_stages_until": self.earlier_stages_until,
+                "first_pass_tiles": self.first_pass_tiles}
 
 
 def _is_number(value) -> bool:
@@ -79,6 +86,9 @@ def parse_budget(obj, where: str, stages) -> BudgetConfig:
     if not (_is_number(until) and 0 < until <= 1):
         raise RecipeError(f"{where}: 'earlier_stages_until' must be a fraction of the budget in (0, 1], got "
                           f"{until!r}")
+    tiles = obj.get("first_pass_tiles", "all")
+    if tiles not in FIRST_PASS_TILES:
+        raise RecipeError(f"{where}: 'first_pass_tiles' must be one of {list(FIRST_PASS_TILES)}, got {tiles!r}")
     floors = obj.get("floors", {})
     if not isinstance(floors, dict):
         raise RecipeError(f"{where}: 'floors' must map model names to {{\"folds\": N, \"mirror_axes\": N}}, got "
@@ -86,7 +96,7 @@ def parse_budget(obj, where: str, stages) -> BudgetConfig:
     models = {m.name: m for stage in stages for m in stage.models}
     parsed = tuple((name, _floor(value, f"{where} floors {name!r}", models.get(name), sorted(models)))
                    for name, value in floors.items())
-    return BudgetConfig(tuple(order), parsed, float(reserve), float(until), declared=True)
+    return BudgetConfig(tuple(order), parsed, float(reserve), float(until), declared=True, first_pass_tiles=tiles)
 
 
 def _floor(obj, where: str, model, names: list[str]) -> Floor:

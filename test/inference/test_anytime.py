@@ -210,3 +210,43 @@ def test_earlier_stages_stop_refining_at_their_share(tmp_path):
 def test_budget_config_floor_defaults():
     config = BudgetConfig()
     assert config.floor("x", first=True) == Floor(1, 0) and config.floor("x", first=False) == Floor(0, 0)
+
+
+def test_a_covering_subset_of_tiles_is_a_complete_weighted_mean_and_the_rest_completes_it():
+    from hnseg_infer.inference.sliding_window import WindowSums, predict_sliding_window
+
+    image, fold = _image(), SlowFold(0, FakeClock(), 0.0)
+    options = {"patch_zyx": PATCH, "n_outputs": 3, "tile_batch": 2}
+    window = WindowSums(image, **options)
+    cover = window.covering()
+    assert (len(cover), window.n_tiles) == (8, _tiles())  # 2 of 3 starts per axis
+    window.add(fold, cover, flips_zyx=[()])
+    assert (window.weights > 0).all()  # every voxel covered
+    # here the covering tiles are those of a tiling without overlap: the same weighted mean
+    np.testing.assert_allclose(window.logits(), predict_sliding_window(fold, image, step_fraction=1.0, **options),
+                               rtol=1e-6, atol=1e-6)
+    window.add(fold, [i for i in range(window.n_tiles) if i not in window.added], flips_zyx=[()])
+    np.testing.assert_allclose(window.logits(), predict_sliding_window(fold, image, **options), rtol=1e-5, atol=1e-6)
+    every = WindowSums(image, **options)
+    every.add(fold, range(every.n_tiles))
+    assert np.array_equal(every.logits(), predict_sliding_window(fold, image, **options))  # the same floats
+
+
+def test_covering_first_passes_keep_a_budget_below_one_pass_and_complete_without_pressure(tmp_path):
+    from hnseg_infer.inference.runner import activate
+    from hnseg_infer.inference.sliding_window import predict_sliding_window
+
+    recipe = _stage(tmp_path, names=("a",), budget={"first_pass_tiles": "covering", "reserve_s": 0})
+    runs, planner, models = _run(recipe, FakeClock(), 1e6)
+    assert planner.steps == [] and runs[0].first is None and runs[0].n_passes == 3 * 4
+    assert models["a"].folds[0].calls == 4 * _tiles()  # every tile once per flip: nothing run twice
+    np.testing.assert_allclose(runs[0].probabilities(), models["a"].probabilities(_image()), rtol=1e-5, atol=1e-6)
+    clock = FakeClock()
+    (run,), planner, models = _run(recipe, clock, 10.0)  # 1 s per tile: one whole pass (27 s) does not fit
+    assert models["a"].folds[0].calls == 8 and clock() - 100.0 <= 10.0
+    assert [(s["kind"], s["dropped"], s["decision"]) for s in planner.steps] == [
+        ("tiles", {"tiles": _tiles() - 8}, "skipped"), ("folds", {"folds": [1, 2]}, "skipped"),
+        ("mirror_axes", {"mirror_axes_zyx": [2, 1]}, "skipped")]
+    assert planner.models[0]["first_pass_tiles_run"] == 8
+    logits = predict_sliding_window(models["a"].folds[0], _image(), patch_zyx=PATCH, n_outputs=3, step_fraction=1.0)
+    np.testing.assert_allclose(run.probabilities(), activate(logits, run.spec.head), rtol=1e-5, atol=1e-6)

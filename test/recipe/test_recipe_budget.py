@@ -28,8 +28,9 @@ def test_no_block_means_the_documented_defaults(tmp_path):
 
 def test_a_block_is_read_and_round_trips(tmp_path):
     block = {"refinements": ["folds", "mirror_axes", "members"], "floors": {"fine": {"folds": 2, "mirror_axes": 1}},
-             "reserve_s": 25, "earlier_stages_until": 0.4}
+             "reserve_s": 25, "earlier_stages_until": 0.4, "first_pass_tiles": "covering"}
     recipe = load_recipe(_weights(tmp_path, block))
+    assert recipe.budget.first_pass_tiles == "covering"
     assert recipe.budget.floor("fine", first=True) == Floor(2, 1)
     assert recipe.budget.floor("extra", first=False) == Floor(0, 0)
     assert recipe.budget.reserve_s == 25.0 and recipe.budget.earlier_stages_until == 0.4
@@ -51,6 +52,7 @@ def test_a_block_is_read_and_round_trips(tmp_path):
     ({"floors": {"fine": {"mirror_axes": 3}}}, r"'mirror_axes' must be an integer in \[0, 2\]"),
     ({"floors": {"fine": {"tta": 1}}}, r"must be an object with keys among \['folds', 'mirror_axes'\]"),
     ([], "budget must be a JSON object"),
+    ({"first_pass_tiles": "some"}, r"'first_pass_tiles' must be one of \['all', 'covering'\], got 'some'"),
 ])
 def test_bad_blocks_are_refused_naming_the_key(tmp_path, block, message):
     with pytest.raises(RecipeError, match=message):
