@@ -57,10 +57,10 @@ def install_sigterm() -> None:
 def exits_143_on_sigterm(command):
     """A command whose SIGTERM outside a case (while parsing, finding the inputs) still exits 143."""
     @functools.wraps(command)
-    def wrapped(argv: list[str] | None = None) -> int:
+    def wrapped(argv: list[str] | None = None, **options) -> int:
         install_sigterm()
         try:
-            return command(argv)
+            return command(argv, **options)
         except Terminated as exc:
             print(f"hnseg: {exc}: nothing written", file=sys.stderr)
             return EXIT_TERMINATED
