@@ -73,11 +73,11 @@ class WindowSums:
         size = self.image.shape[1:]
         if tiling == "nnunet":
             self.starts = tile_starts_zyx(size, self.patch, step_fraction)
-            importance = gaussian_importance(self.patch, sigma_fraction) if gaussian else None
+            importance = gaussian_importance
         else:
             self.starts = monai_tile_starts_zyx(size, self.patch, overlap)
-            importance = monai_gaussian_importance(self.patch, sigma_fraction) if gaussian else None
-        self.tile_weights = importance if importance is not None else np.ones(self.patch, np.float32)
+            importance = monai_gaussian_importance
+        self.tile_weights = importance(self.patch, sigma_fraction) if gaussian else np.ones(self.patch, np.float32)
         self.n_outputs, self.tile_batch, self.mirror_axes_zyx = n_outputs, tile_batch, tuple(mirror_axes_zyx)
         # nnU-Net's and MONAI's order: z outermost, x innermost (it matters only for float rounding).
         self.corners = list(product(*self.starts))
