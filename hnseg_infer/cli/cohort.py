@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -97,7 +98,7 @@ def run_cohort(source_path: Path, options: CohortOptions) -> int:
     if todo:
         try:
             interrupted = not _run_on_ray(todo, manifest, options, recipe_sha)
-        except InputError as exc:  # the cluster cannot place a worker: nothing ran
+        except InputError as exc:  # the cluster cannot be joined or cannot place a worker: nothing ran
             print(f"hnseg: error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
     return summarise(source, manifest, Path(options.out), seconds=time.perf_counter() - started,
@@ -165,10 +166,32 @@ def _start_ray(options: CohortOptions) -> bool:
     if ray.is_initialized():
         return False
     if options.address:
-        ray.init(address=options.address, log_to_driver=False)
+        _check_reachable(options.address)
+        try:
+            ray.init(address=options.address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise InputError(
+                f"cannot join the Ray cluster at --address {options.address}: {exc}. Check the address with "
+                f"`ray status --address {options.address}`; a cluster started with token authentication (the "
+                f"default of `ray start` since Ray 2.59) needs RAY_AUTH_MODE=token here too, and its token in "
+                f"RAY_AUTH_TOKEN or ~/.ray/auth_token") from exc
     else:
         ray.init(**local_ray_options(options.workers * options.threads_per_worker))
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """An InputError when nothing answers at a HOST:PORT or ray://HOST:PORT address (ray.init would wait there
+    for ever); `auto` is left to Ray, which fails at once when no cluster runs here."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise InputError(f"cannot join the Ray cluster at --address {address}: nothing answers there ({exc}). "
+                         f"Start its head with `ray start --head --port {port}`, or check the address with "
+                         f"`ray status --address {address}`") from exc
 
 
 def _placeable(options: CohortOptions, cluster: dict) -> CohortOptions:
