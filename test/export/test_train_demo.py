@@ -49,6 +49,9 @@ def test_assembled_recipe_is_the_three_stage_cascade(quick_run):
                                                                    ["fine_nnunet", "fine_segresnetds"]]
     assert [m.head.labels for m in recipe.models] == [(0, 1), (0, 1, 2), (0, 1, 2), (0, 1, 2)]
     assert recipe.stages[2].postprocess.keep_largest_gtvp
+    # the localiser (it only places the coarse box) tiles without overlap or mirroring; the others as nnU-Net does
+    assert [(m.tiling.step_fraction, m.tiling.mirror_axes_zyx) for m in recipe.models[:3]] == [
+        (1.0, ()), (0.5, (2,)), (0.5, (2,))]
     files = sorted(p.name for p in quick_run["weights"].iterdir())
     assert files == sorted(["recipe.json", *(f.name for m in recipe.models for f in m.files)])
     assert len(set(files)) == 5  # four distinct ONNX files
