@@ -227,7 +227,7 @@ def test_uncertainty_passes_stop_at_the_case_budget():
     planner = Planner(Deadline(100.0, 0.0, clock), config)
     uncertainty = UncertaintyConfig(passes=5, dropout_rate=0.0, seed=0, augmentations=None)
     report = RunReport()
-    clock.now = 100.0 - config.reserve_s - 25.0  # 25 s left before the reserve
+    clock.now = 100.0 - planner.reserve_s - 25.0  # 25 s left before the reserve (10 s of a 100 s budget)
     assert _no_time_for(1, [20.0], uncertainty, report, planner, first_pass_s=None) is None
     why = _no_time_for(1, [30.0], uncertainty, report, planner, first_pass_s=None)
     assert why.startswith("another pass (~30.0 s) would end past the time budget of 100 s")

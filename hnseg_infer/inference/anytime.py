@@ -171,9 +171,13 @@ class Planner:
     steps: list[dict] = field(default_factory=list)
     inference_end_s: float | None = None
 
+    @property
+    def reserve_s(self) -> float:
+        return self.config.reserve_for(self.deadline.budget_s)
+
     def limit_s(self, *, last_stage: bool) -> float:
         """Seconds from the clock's start by which a refinement must end."""
-        end = self.deadline.budget_s - self.config.reserve_s
+        end = self.deadline.budget_s - self.reserve_s
         return end if last_stage else min(end, self.config.earlier_stages_until * self.deadline.budget_s)
 
     def fits(self, predicted_s: float | None, *, last_stage: bool) -> bool:
@@ -211,10 +215,11 @@ class Planner:
     def record(self, *, clock_start: str) -> dict:
         config = self.config
         return {"time_budget_s": self.deadline.budget_s, "clock_start": clock_start, **config.to_dict(),
-                "recipe_block": config.declared, "models": self.models, "steps": self.steps,
+                "reserve_s": self.reserve_s, "recipe_block": config.declared, "models": self.models,
+                "steps": self.steps,
                 "inference_end_s": None if self.inference_end_s is None else round(self.inference_end_s, 3),
                 "predicted_s": None if self.inference_end_s is None else
-                round(self.inference_end_s + config.reserve_s, 3), "actual_s": None}
+                round(self.inference_end_s + self.reserve_s, 3), "actual_s": None}
 
     def warning(self) -> str | None:
         over = self.inference_end_s is not None and self.inference_end_s > self.limit_s(last_stage=True)

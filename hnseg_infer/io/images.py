@@ -247,7 +247,8 @@ def validate_mask(mask: sitk.Image, ct_grid: Grid) -> None:
         raise OutputError(f"internal error: output mask is {mask.GetPixelIDTypeAsString()}, expected uint8")
     voxels = sitk.GetArrayViewFromImage(mask)
     if voxels.max(initial=0) > max(LABEL_VALUES):  # uint8: the max says it (np.unique takes ~1 s on a CT grid)
-        raise OutputError(f"internal error: output mask holds values {np.unique(voxels).tolist()}, expected a subset of {{0,1,2}}")
+        raise OutputError(f"internal error: output mask holds values {np.unique(voxels).tolist()}, expected a "
+                          f"subset of {{0,1,2}}")
     if Grid.of(mask).mismatch(ct_grid, tol=0.0) is not None:
         raise OutputError(f"internal error: output grid {Grid.of(mask).to_dict()} differs from the CT grid "
                           f"{ct_grid.to_dict()}")

@@ -12,7 +12,8 @@ apply whenever a budget is set. Validated strictly (unknown keys, bad values, un
 - `floors`: per model, what always runs, budget or not: `folds` (≥ 1 makes a further member mandatory; the first
   model of each stage always runs at least 1) and `mirror_axes` (the first N of its mirror_axes_zyx).
 - `reserve_s`: seconds kept for the restore onto the CT, post-processing and writing: no refinement starts that
-  would end later than the budget less this.
+  would end later than the budget less this. Default: 10 s, or a tenth of the budget when that is less (the
+  demo's restore and write take ~0.3 s; a fixed 10 s would be half of a 20 s budget).
 - `earlier_stages_until`: a fraction of the budget; a cascade's earlier stages (which only place the next ROI)
   add no refinement that would end later than this fraction of the budget.
 - `first_pass_tiles`: "all" (default) or "covering": each model's first pass runs only a subset of its tiles that
@@ -32,7 +33,8 @@ REFINEMENTS = ("members", "folds", "mirror_axes")
 KEYS = ("refinements", "floors", "reserve_s", "earlier_stages_until", "first_pass_tiles")
 FIRST_PASS_TILES = ("all", "covering")
 FLOOR_KEYS = ("folds", "mirror_axes")
-DEFAULT_RESERVE_S = 10.0
+DEFAULT_RESERVE_S = 10.0  # at most; the default is also at most DEFAULT_RESERVE_FRACTION of the budget
+DEFAULT_RESERVE_FRACTION = 0.1
 DEFAULT_EARLIER_STAGES_UNTIL = 0.5
 
 
@@ -49,7 +51,7 @@ class Floor:
 class BudgetConfig:
     refinements: tuple[str, ...] = REFINEMENTS
     floors: tuple[tuple[str, Floor], ...] = ()  # (model name, floor), in the recipe's order
-    reserve_s: float = DEFAULT_RESERVE_S
+    reserve_s: float | None = None  # None: the default (reserve_for)
     earlier_stages_until: float = DEFAULT_EARLIER_STAGES_UNTIL
     declared: bool = field(default=False, compare=False)  # False: no block in the recipe (the defaults)
     first_pass_tiles: str = "all"
@@ -59,10 +61,16 @@ class BudgetConfig:
         floor = dict(self.floors).get(model, Floor())
         return Floor(max(floor.folds, 1), floor.mirror_axes) if first else floor
 
+    def reserve_for(self, budget_s: float) -> float:
+        """The seconds kept for restore and writing under a budget of `budget_s`."""
+        if self.reserve_s is not None:
+            return self.reserve_s
+        return min(DEFAULT_RESERVE_S, DEFAULT_RESERVE_FRACTION * budget_s)
+
     def to_dict(self) -> dict:
         return {"refinements": list(self.refinements), "floors": {m: f.to_dict() for m, f in self.floors},
-                "reserve_s": self.reserve_s, "earlier_stages_until": self.earlier_stages_until,
-                "first_pass_tiles": self.first_pass_tiles}
+                **({} if self.reserve_s is None else {"reserve_s": self.reserve_s}),
+                "earlier_stages_until": self.earlier_stages_until, "first_pass_tiles": self.first_pass_tiles}
 
 
 def _is_number(value) -> bool:
@@ -79,8 +87,8 @@ def parse_budget(obj, where: str, stages) -> BudgetConfig:
     if not (isinstance(order, list) and sorted(map(str, order)) == sorted(REFINEMENTS) and len(order) == 3):
         raise RecipeError(f"{where}: 'refinements' must list each of {list(REFINEMENTS)} once, in the order to add "
                           f"them, got {order!r}")
-    reserve = obj.get("reserve_s", DEFAULT_RESERVE_S)
-    if not (_is_number(reserve) and reserve >= 0):
+    reserve = obj.get("reserve_s")
+    if reserve is not None and not (_is_number(reserve) and reserve >= 0):
         raise RecipeError(f"{where}: 'reserve_s' must be a number of seconds >= 0, got {reserve!r}")
     until = obj.get("earlier_stages_until", DEFAULT_EARLIER_STAGES_UNTIL)
     if not (_is_number(until) and 0 < until <= 1):
@@ -96,7 +104,8 @@ def parse_budget(obj, where: str, stages) -> BudgetConfig:
     models = {m.name: m for stage in stages for m in stage.models}
     parsed = tuple((name, _floor(value, f"{where} floors {name!r}", models.get(name), sorted(models)))
                    for name, value in floors.items())
-    return BudgetConfig(tuple(order), parsed, float(reserve), float(until), declared=True, first_pass_tiles=tiles)
+    return BudgetConfig(tuple(order), parsed, None if reserve is None else float(reserve), float(until),
+                        declared=True, first_pass_tiles=tiles)
 
 
 def _floor(obj, where: str, model, names: list[str]) -> Floor:

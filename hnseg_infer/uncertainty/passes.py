@@ -140,7 +140,7 @@ def _no_time_for(p: int, durations: list[float], config: UncertaintyConfig, repo
     if planner is not None and not planner.fits(predicted, last_stage=True):
         cost = "" if predicted is None else f" (~{predicted:.1f} s)"
         return (f"{'another' if p else 'a'} pass{cost} would end past the time budget of {planner.deadline.budget_s:g} "
-                f"s less its reserve of {planner.config.reserve_s:g} s, {planner.deadline.left_s():.1f} s being left")
+                f"s less its reserve of {planner.reserve_s:g} s, {planner.deadline.left_s():.1f} s being left")
     return None
 
 

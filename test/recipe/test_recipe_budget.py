@@ -23,7 +23,16 @@ def test_no_block_means_the_documented_defaults(tmp_path):
     recipe = load_recipe(_weights(tmp_path, None))
     assert recipe.budget == BudgetConfig() and not recipe.budget.declared
     assert recipe.budget.refinements == REFINEMENTS == ("members", "folds", "mirror_axes")
-    assert recipe.budget.reserve_s == DEFAULT_RESERVE_S and "budget" not in recipe.to_json()
+    assert "budget" not in recipe.to_json()
+    # the reserve: 10 s, or a tenth of the budget when that is less
+    assert recipe.budget.reserve_s is None
+    assert recipe.budget.reserve_for(540.0) == DEFAULT_RESERVE_S == 10.0 and recipe.budget.reserve_for(20.0) == 2.0
+
+
+def test_a_block_without_a_reserve_keeps_the_default_one(tmp_path):
+    recipe = load_recipe(_weights(tmp_path, {"first_pass_tiles": "covering"}))
+    assert recipe.budget.reserve_s is None and "reserve_s" not in recipe.to_json()["budget"]
+    assert parse_recipe(json.loads(json.dumps(recipe.to_json())), recipe.path) == recipe
 
 
 def test_a_block_is_read_and_round_trips(tmp_path):
