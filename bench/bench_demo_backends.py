@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from hnseg_infer.tools.phantom import make_phantom, write_case  # noqa: E402
+from hnseg_infer.tools.phantom import hecktor_acquisition, make_phantom, write_case  # noqa: E402
 
 BACKENDS = ("onnxruntime", "openvino")
 MASK = "images/tumor-lymph-node-segmentation/output.mha"
@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        case = write_case(make_phantom(seed=1, fov="whole-body"), tmp / "case") / "input"
+        # exactly make demo's case (`hnseg phantom --seed 1 --fov whole-body`: the acquisition drawn from the seed too)
+        case = write_case(make_phantom(seed=1, fov="whole-body", **hecktor_acquisition(1)), tmp / "case") / "input"
         reports = {b: [] for b in BACKENDS}
         for repeat in range(args.repeats):
             for backend in BACKENDS:  # interleaved: drift in the machine's load hits both alike
