@@ -213,9 +213,8 @@ def _sample_bspline_aligned(image: sitk.Image, grid: Grid, fill_value: float) ->
     [target, source] matrix (the spline's prefilter folded into its weights) applied with BLAS in float64.
     Equal to SimpleITK's result within 1e-9 and ~6x faster on 2 cores (ITK evaluates 64 taps per voxel)."""
     source = Grid.of(image)
-    d = _direction_matrix(source.direction)
-    first_xyz = d.T @ (np.asarray(grid.origin_xyz_mm) - np.asarray(source.origin_xyz_mm)) / source.spacing_xyz_mm
-    step_xyz = np.asarray(grid.spacing_xyz_mm) / np.asarray(source.spacing_xyz_mm)
+    first_xyz = source.physical_to_index([grid.origin_xyz_mm])[0]
+    step_xyz = np.asarray(grid.spacing_xyz_mm) / np.asarray(source.spacing_xyz_mm)  # the axes are shared
     index_zyx = [first_xyz[a] + step_xyz[a] * np.arange(grid.size_xyz[a]) for a in (2, 1, 0)]
     matrices_zyx = [_spline_matrix(index, n) for index, n in zip(index_zyx, source.size_zyx)]
     values = sitk.GetArrayViewFromImage(image)

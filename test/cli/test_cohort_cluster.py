@@ -3,8 +3,8 @@
 Its own module: the cluster is a second Ray beside test_cohort.py's embedded one, so it runs after that one has
 stopped. The cluster runs in its own process group, killed at the end (`ray stop` would stop every Ray here)."""
 
-import csv
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from builders import write_weights
-from test_cohort import assert_on_ct_grid, write_cases
+from test_cohort import assert_on_ct_grid, manifest_rows, write_cases
 
 pytest.importorskip("ray")
 BIN = Path(sys.executable).parent
@@ -34,8 +34,7 @@ def one_cpu_cluster():
     """A head node of 1 CPU; its address. Its temp folder is short: Ray's socket paths must fit 107 bytes."""
     port, temp = free_port(), Path(f"/tmp/hnseg-ray-{uuid.uuid4().hex[:8]}")
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=1",
-                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=TOKEN_ENV)
     try:
         out, _ = head.communicate(timeout=180)
@@ -48,7 +47,7 @@ def one_cpu_cluster():
             except ProcessLookupError:
                 break
             time.sleep(2)
-        subprocess.run(["rm", "-rf", str(temp)], check=False)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -63,8 +62,7 @@ def test_cohort_joins_a_cluster_at_its_address_and_resumes_there(tmp_path, one_c
     assert first.returncode == 0, first.stderr[-3000:]
     # the cluster's 1 CPU, not an embedded Ray sized for the 2 workers asked for, placed the work
     assert "the Ray cluster (1 CPU) places 1 of the 2 workers asked for; running 1" in first.stderr
-    with open(out / "manifest.csv", newline="") as f:
-        rows = {row["case"]: row for row in csv.DictReader(f)}
+    rows = manifest_rows(out)
     assert {n: rows[n]["status"] for n in names} == dict.fromkeys(names, "ok")
     assert len({rows[n]["worker"] for n in names}) == 1
     for name in names:
