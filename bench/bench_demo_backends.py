@@ -23,6 +23,8 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import machine  # noqa: E402  (bench/)
+
 from hnseg_infer.tools.phantom import hecktor_acquisition, make_phantom, write_case  # noqa: E402
 
 BACKENDS = ("onnxruntime", "openvino")
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--weights", type=Path, default=ROOT / "weights" / "demo")
     args = parser.parse_args()
+    print(machine.describe())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         # exactly make demo's case (`hnseg phantom --seed 1 --fov whole-body`: the acquisition drawn from the seed too)

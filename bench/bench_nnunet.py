@@ -29,6 +29,8 @@ import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "test")]
+import machine  # noqa: E402  (bench/)
+
 from hnseg_infer.tools.phantom import make_phantom  # noqa: E402
 
 FEATURES = (16, 32, 64, 128, 256)
@@ -140,6 +142,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         case = write_case(folder)
         ct = sitk.ReadImage(str(case[0]))
+        print(machine.describe())
         print(f"case: CT {ct.GetSize()} @ {np.round(ct.GetSpacing(), 2).tolist()} mm, PET on the CT grid")
         start = time.perf_counter()
         results, weights = build_model(folder, case, args.mirror)

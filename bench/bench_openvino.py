@@ -23,10 +23,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import machine  # noqa: E402  (bench/)
+
 from hnseg_infer.inference.agreement import MIN_AGREEMENT_FP32, TOLERANCE_FP32, compare_logits  # noqa: E402
 from hnseg_infer.inference.onnx_engine import OnnxModel  # noqa: E402
 from hnseg_infer.inference.openvino_engine import OpenVinoModel  # noqa: E402
 from hnseg_infer.recipe.load import load_recipe, resolve_weights  # noqa: E402
+
+
+# onnxruntime's intra-op threads spin for a while after a run and take the cores from whatever is timed next: without
+# this pause the engine timed right after onnxruntime ran 1.3-1.7x slower than the same configuration timed later
+SETTLE_S = 0.3
 
 
 def timed(make):
@@ -48,6 +55,7 @@ def bench_model(spec, repeats: int) -> None:
     outputs = {name: engine(x) for name, (engine, _) in engines.items()}  # warm-up, and the logits compared
     for _ in range(repeats):
         for name, (engine, _) in engines.items():  # interleaved: each repeat runs every engine once
+            time.sleep(SETTLE_S)
             times[name].append(timed(lambda engine=engine: engine(x))[1])
     reference = statistics.median(times["onnxruntime"])
     plan = engines["openvino (plan)"][0]
@@ -77,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     recipe = load_recipe(resolve_weights(args.weights))
+    print(machine.describe())
     print("import: " + ", ".join(f"{m} {import_seconds(m):.2f} s" for m in ("onnxruntime", "openvino")))
     for spec in recipe.models:
         bench_model(spec, args.repeats)
